@@ -1,0 +1,1 @@
+"""Weight import: released VTP checkpoints and torch-layout weight files."""

@@ -1,0 +1,1 @@
+"""Data: CLIP tokenizer, shards, sources, transforms and the grain pipeline."""
