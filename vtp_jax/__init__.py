@@ -1,1 +1,4 @@
-"""vtp-jax."""
+"""vtp-jax: VTP visual tokenizer pre-training and the released VTP models in JAX."""
+from vtp_jax.pretrained import Pretrained, load_pretrained
+
+__all__ = ["Pretrained", "load_pretrained"]

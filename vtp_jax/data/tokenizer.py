@@ -1,0 +1,118 @@
+"""OpenAI CLIP byte-level BPE (the tokenizer of OpenCLIP and of the released VTP text tower).
+
+The merges file ships inside the `open_clip_torch` wheel; we locate it without importing
+open_clip (which would import torch), or take an explicit path.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import html
+import importlib.util
+import os
+from typing import Sequence
+
+import numpy as np
+
+VOCAB_SIZE = 49408
+SOT, EOT, PAD = 49406, 49407, 0
+CONTEXT_LENGTH = 77
+_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+_N_MERGES = 49152 - 256 - 2
+
+
+def find_vocab_file() -> str:
+    """The merges file from $VTP_BPE_VOCAB or from the installed open_clip_torch wheel."""
+    if os.environ.get("VTP_BPE_VOCAB"):
+        return os.environ["VTP_BPE_VOCAB"]
+    spec = importlib.util.find_spec("open_clip")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, _VOCAB_FILE)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(
+        f"CLIP BPE vocabulary {_VOCAB_FILE} not found. Install it offline with "
+        "`pip install --no-deps open_clip_torch` (no torch needed), or set VTP_BPE_VOCAB / pass "
+        "vocab_path= to the file.")
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """Every byte -> a printable character, so BPE never sees whitespace or controls.
+
+    Dict order is the vocabulary order: printable bytes map to themselves first, then the rest
+    are moved to chr(256 + n) in byte order.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(moved)}}
+
+
+class Tokenizer:
+    """Text -> CLIP ids; `bpe` results are cached per word, which makes 16k captions cheap."""
+
+    def __init__(self, vocab_path: str | None = None):
+        import regex  # third-party `regex`: needs \p{L} / \p{N} classes.
+        import ftfy
+
+        self._ftfy = ftfy
+        with gzip.open(vocab_path or find_vocab_file(), "rt", encoding="utf-8") as f:
+            merges = [tuple(line.split()) for line in f.read().split("\n")[1:_N_MERGES + 1]]
+        self.byte_encoder = _byte_alphabet()
+        units = list(self.byte_encoder.values())
+        vocab = units + [u + "</w>" for u in units] + ["".join(m) for m in merges]
+        vocab += ["<start_of_text>", "<end_of_text>"]
+        self.encoder = {tok: i for i, tok in enumerate(vocab)}
+        assert len(self.encoder) == VOCAB_SIZE, len(self.encoder)
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.pattern = regex.compile(
+            r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+            regex.IGNORECASE)
+        self.bpe = functools.lru_cache(maxsize=1 << 18)(self._bpe)
+
+    def _bpe(self, word: str) -> tuple[int, ...]:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            rank, best = min((self.ranks.get(pair, np.inf), i) for i, pair in enumerate(zip(parts, parts[1:])))
+            if rank == np.inf:
+                break
+            first, second = parts[best], parts[best + 1]
+            merged, i = [], 0
+            while i < len(parts):  # merge every occurrence of the best pair, left to right
+                if i < len(parts) - 1 and parts[i] == first and parts[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return tuple(self.encoder[p] for p in parts)
+
+    def clean(self, text: str) -> str:
+        text = self._ftfy.fix_text(text)
+        text = html.unescape(html.unescape(text)).strip()
+        return " ".join(text.split()).lower()
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for word in self.pattern.findall(self.clean(text)):
+            ids.extend(self.bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8"))))
+        return ids
+
+    def __call__(self, texts: Sequence[str] | str, context_length: int = CONTEXT_LENGTH) -> np.ndarray:
+        if isinstance(texts, str):
+            texts = [texts]
+        out = np.zeros((len(texts), context_length), np.int32)
+        for row, text in enumerate(texts):
+            ids = [SOT] + self.encode(text)[:context_length - 2] + [EOT]
+            out[row, :len(ids)] = ids
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer(vocab_path: str | None = None) -> Tokenizer:
+    return Tokenizer(vocab_path)
+
+
+def tokenize(texts: Sequence[str] | str, context_length: int = CONTEXT_LENGTH, vocab_path: str | None = None) -> np.ndarray:
+    """(B, context_length) int32: SOT, BPE ids, EOT, zero padding; over-long texts end in EOT."""
+    return get_tokenizer(vocab_path)(texts, context_length)

@@ -1,0 +1,71 @@
+"""`load_pretrained`: a released VTP folder as jitted JAX functions.
+
+Shapes: images (B, H, W, 3) float32 ImageNet-normalized with H, W multiples of the patch size;
+latents (B, H/p, W/p, latent_dim). Each method is jitted once per input shape (jax.jit's cache).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vtp_jax.checkpoints import released
+from vtp_jax.data import tokenizer as tokenizer_lib
+from vtp_jax.models.vtp import VTP
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """Model config + float32 params; methods mirror the release's public API in NHWC."""
+
+    config: ml_collections.ConfigDict
+    params: Any
+    _fns: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def _apply(self, method: str, x, layers: tuple = ()):
+        key = (method, layers)
+        if key not in self._fns:
+            self._fns[key] = _jitted(VTP(self.config), method, layers)
+        return self._fns[key](self.params, x)
+
+    def encode(self, images) -> jax.Array:
+        return self._apply("encode", jnp.asarray(images, jnp.float32))
+
+    def decode(self, latents) -> jax.Array:
+        return self._apply("decode", jnp.asarray(latents, jnp.float32))
+
+    def features(self, images, layers: Sequence[int] = ()) -> dict:
+        """Trunk features: normed cls, registers, patches (B, h, w, D) and normed `layers` outputs."""
+        return self._apply("encode_features", jnp.asarray(images, jnp.float32), layers=tuple(layers))
+
+    def image_features(self, images) -> jax.Array:
+        return self._apply("image_features", jnp.asarray(images, jnp.float32))
+
+    def text_features(self, token_ids) -> jax.Array:
+        return self._apply("clip_text", jnp.asarray(token_ids, jnp.int32))
+
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        return tokenizer_lib.tokenize(texts, self.config.text.context_length)
+
+
+def _jitted(model: VTP, method: str, layers: tuple):
+    def fn(params, x):
+        def call(m, x):
+            if method == "image_features":
+                return m.clip_image(m.encode_features(x))
+            if method == "encode_features":
+                return m.encode_features(x, return_layers=layers)
+            return getattr(m, method)(x)
+        return model.apply({"params": params}, x, method=call)
+
+    return jax.jit(fn)
+
+
+def load_pretrained(folder: str) -> Pretrained:
+    """A released VTP folder (config.json + model.safetensors, float32 or bfloat16)."""
+    config, params = released.load_release(folder)
+    return Pretrained(config, jax.device_put(params))
