@@ -25,6 +25,7 @@ setup(
         "ftfy>=6",
         "regex",
         "tqdm",
+        "absl-py",
         # clu.metric_writers / periodic_actions and tfds import TensorFlow and TensorBoard.
         "tensorflow-cpu>=2.16; platform_machine=='x86_64'",
         "tensorflow>=2.16; platform_machine!='x86_64'",

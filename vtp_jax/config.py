@@ -98,3 +98,11 @@ def check_fields(config: ml_collections.ConfigDict, schema: ml_collections.Confi
     walk(config, schema, "")
     if unknown:
         raise ValueError(f"unknown {where} field(s): {', '.join(sorted(unknown))}")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field any job reads, with defaults; configs/*.py start from this and override."""
+    c = ml_collections.ConfigDict()
+    c.model = model_config()
+    c.seed = 0
+    return c

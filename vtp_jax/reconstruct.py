@@ -1,0 +1,69 @@
+"""Reconstruct images with a released VTP checkpoint and print PSNR per image.
+
+  python -m vtp_jax.reconstruct --checkpoint VTP-Base-f16d64 --images a.jpg b.png --out OUT/
+
+Each image is resized so its shorter side is --size and centre-cropped to a multiple of the patch
+size (or kept whole with --size 0, cropped only to that multiple); OUT/<name>.png holds the input
+and its reconstruction side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+from PIL import Image, ImageOps
+
+import vtp_jax
+from vtp_jax.models.vtp import IMAGENET_MEAN, IMAGENET_STD
+
+
+def load_image(path: str, size: int, multiple: int) -> np.ndarray:
+    """uint8 (H, W, 3); shorter side -> size (if size), centre crop to a multiple of `multiple`."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        if size:
+            scale = size / min(im.size)
+            im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))),
+                           Image.Resampling.BICUBIC)
+        w, h = im.width // multiple * multiple, im.height // multiple * multiple
+        if not w or not h:
+            raise ValueError(f"{path}: {im.width}x{im.height} is smaller than one {multiple}px patch")
+        left, top = (im.width - w) // 2, (im.height - h) // 2
+        return np.asarray(im.crop((left, top, left + w, top + h)))
+
+
+def normalize(u8: np.ndarray) -> np.ndarray:
+    return ((u8 / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).astype(np.float32)
+
+
+def denormalize(x) -> np.ndarray:
+    """ImageNet-normalized float -> uint8, clipped."""
+    rgb = np.asarray(x, np.float64) * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
+    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
+
+
+def psnr(a_u8: np.ndarray, b_u8: np.ndarray) -> float:
+    mse = np.mean((a_u8.astype(np.float64) - b_u8.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="released VTP folder (config.json + model.safetensors)")
+    ap.add_argument("--images", nargs="+", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--size", type=int, default=256, help="shorter side before the centre crop; 0 keeps the size")
+    args = ap.parse_args(argv)
+    model = vtp_jax.load_pretrained(args.checkpoint)
+    os.makedirs(args.out, exist_ok=True)
+    for path in args.images:
+        image = load_image(path, args.size, model.config.patch_size)
+        recon = denormalize(model.decode(model.encode(normalize(image)[None]))[0])
+        name = os.path.splitext(os.path.basename(path))[0]
+        Image.fromarray(np.concatenate([image, recon], axis=1)).save(os.path.join(args.out, f"{name}.png"))
+        print(f"{path}: {image.shape[1]}x{image.shape[0]} PSNR {psnr(image, recon):.2f} dB")
+
+
+if __name__ == "__main__":
+    main()
