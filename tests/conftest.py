@@ -6,3 +6,8 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Identical programs (the same step on the same mesh in several tests, or in the subprocess runs
+# of the trainer) compile once per CI run.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/vtp_jax_test_cache")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")

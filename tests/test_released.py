@@ -346,3 +346,20 @@ def test_errors_truncated_file_and_bad_options(tmp_path):
     (tmp_path / "c" / "model.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(CheckpointError, match="not a safetensors file"):
         vtp_jax.load_pretrained(str(tmp_path / "c"))
+
+
+def test_export_roundtrip(release, tmp_path):
+    """Our params written in the release format read back to the same tensors and the same
+    release files (names, layouts and shapes) as the checkpoint we started from."""
+    from vtp_jax.checkpoints import released
+
+    folder, t = release
+    pre = vtp_jax.load_pretrained(folder)
+    released.export_release(pre.config, pre.params, str(tmp_path), image_size=32)
+    back = released.read_safetensors(str(tmp_path / "model.safetensors"))
+    assert set(back) == set(t)
+    for k, v in t.items():
+        np.testing.assert_allclose(back[k], v, rtol=1e-6, atol=0, err_msg=k)
+    again = vtp_jax.load_pretrained(str(tmp_path))
+    images = np.random.default_rng(0).standard_normal((1, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_array_equal(again.encode(images), pre.encode(images))

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable
-
 import jax
 import ml_collections
 import ml_dtypes
@@ -109,97 +107,120 @@ def config_from_release(rc: dict) -> ml_collections.ConfigDict:
 
 
 # --------------------------------------------------------------------------------------------
-# Tensor mapping: release key -> (our param path, transform).
+# Tensor mapping: release key -> (our param path, layout). Layouts are invertible, so the same
+# table imports released weights and exports ours in the release format.
 # --------------------------------------------------------------------------------------------
-def _t(a):  # Linear (out, in) -> Dense (in, out)
-    return a.T
+IDENT, SCALAR, FLAT, CONV, CONV1X1 = "ident", "scalar", "flat", "conv", "conv1x1"
+LINEAR, LINEAR_OUT2 = ("T", 1), ("T", 2)  # torch (out, in) -> ours (in..., out...); in has 1 or 2 dims
 
 
-def _block_map(prefix: str, ours: str, c_heads: int, width: int, *, mlp: str, norm: str, qk_norm: bool,
-               layerscale: bool, text: bool) -> dict[str, tuple[str, Callable]]:
+def to_ours(layout, a: np.ndarray, shape) -> np.ndarray:
+    """Release tensor -> our layout of `shape` (a ValueError when it cannot be that)."""
+    if layout == IDENT:
+        return a
+    if layout == SCALAR:
+        return a.reshape(())
+    if layout == FLAT:
+        return a.reshape(shape) if a.ndim == 1 else a.reshape(-1, 1)  # ndim != 1 fails the shape check
+    if layout == CONV:
+        return a.transpose(2, 3, 1, 0)
+    if layout == CONV1X1:
+        return a[:, :, 0, 0].T if a.shape[2:] == (1, 1) else a
+    n_in = layout[1]
+    if a.ndim != 2 or a.shape != (int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in]))):
+        return a
+    return a.T.reshape(shape)
+
+
+def to_release(layout, k: np.ndarray) -> np.ndarray:
+    """Our array -> the release tensor (the inverse of `to_ours`)."""
+    if layout in (IDENT, SCALAR):
+        return k
+    if layout == FLAT:
+        return k.reshape(-1)
+    if layout == CONV:
+        return k.transpose(3, 2, 0, 1)
+    if layout == CONV1X1:
+        return k.T[:, :, None, None]
+    n_in = layout[1]
+    return k.reshape(int(np.prod(k.shape[:n_in])), -1).T
+
+
+def _block_map(prefix: str, ours: str, *, mlp: str, norm: str, qk_norm: bool, layerscale: bool, text: bool):
     """The mapping of one transformer block (trunk / decoder naming, or OpenCLIP text naming)."""
-    dh = width // c_heads
-    qkv_k = lambda a: a.T.reshape(width, 3, c_heads, dh)  # noqa: E731
-    qkv_b = lambda a: a.reshape(3, c_heads, dh)  # noqa: E731
-    proj_k = lambda a: a.T.reshape(c_heads, dh, width)  # noqa: E731
-    ident = lambda a: a  # noqa: E731
-    m = {}
     if text:
         names = dict(norm1="ln_1", norm2="ln_2", qkv_w="attn.in_proj_weight", qkv_b="attn.in_proj_bias",
                      proj="attn.out_proj", fc1="mlp.c_fc", fc2="mlp.c_proj")
     else:
         names = dict(norm1="norm1", norm2="norm2", qkv_w="attn.qkv.weight", qkv_b="attn.qkv.bias",
                      proj="attn.proj", fc1="mlp.fc1", fc2="mlp.fc2")
+    m = {}
     for n in ("norm1", "norm2"):
-        m[f"{prefix}.{names[n]}.weight"] = (f"{ours}/{n}/scale", ident)
+        m[f"{prefix}.{names[n]}.weight"] = (f"{ours}/{n}/scale", IDENT)
         if norm == "layernorm":
-            m[f"{prefix}.{names[n]}.bias"] = (f"{ours}/{n}/bias", ident)
-    m[f"{prefix}.{names['qkv_w']}"] = (f"{ours}/attn/qkv/kernel", qkv_k)
-    m[f"{prefix}.{names['qkv_b']}"] = (f"{ours}/attn/qkv/bias", qkv_b)
-    m[f"{prefix}.{names['proj']}.weight"] = (f"{ours}/attn/proj/kernel", proj_k)
-    m[f"{prefix}.{names['proj']}.bias"] = (f"{ours}/attn/proj/bias", ident)
+            m[f"{prefix}.{names[n]}.bias"] = (f"{ours}/{n}/bias", IDENT)
+    m[f"{prefix}.{names['qkv_w']}"] = (f"{ours}/attn/qkv/kernel", LINEAR)  # rows [q; k; v], head-major
+    m[f"{prefix}.{names['qkv_b']}"] = (f"{ours}/attn/qkv/bias", FLAT)
+    m[f"{prefix}.{names['proj']}.weight"] = (f"{ours}/attn/proj/kernel", LINEAR_OUT2)
+    m[f"{prefix}.{names['proj']}.bias"] = (f"{ours}/attn/proj/bias", IDENT)
     if qk_norm:
-        m[f"{prefix}.attn.q_norm.weight"] = (f"{ours}/attn/q_norm/scale", ident)
-        m[f"{prefix}.attn.k_norm.weight"] = (f"{ours}/attn/k_norm/scale", ident)
+        m[f"{prefix}.attn.q_norm.weight"] = (f"{ours}/attn/q_norm/scale", IDENT)
+        m[f"{prefix}.attn.k_norm.weight"] = (f"{ours}/attn/k_norm/scale", IDENT)
     if layerscale:
-        m[f"{prefix}.ls1.gamma"] = (f"{ours}/ls1", ident)
-        m[f"{prefix}.ls2.gamma"] = (f"{ours}/ls2", ident)
-    linears = ("w1", "w2", "w3") if mlp == "swiglu" else ("fc1", "fc2")
-    for n in linears:
+        m[f"{prefix}.ls1.gamma"] = (f"{ours}/ls1", IDENT)
+        m[f"{prefix}.ls2.gamma"] = (f"{ours}/ls2", IDENT)
+    for n in ("w1", "w2", "w3") if mlp == "swiglu" else ("fc1", "fc2"):
         src = names[n] if n in ("fc1", "fc2") else f"mlp.{n}"
-        m[f"{prefix}.{src}.weight"] = (f"{ours}/mlp/{n}/kernel", _t)
-        m[f"{prefix}.{src}.bias"] = (f"{ours}/mlp/{n}/bias", ident)
+        m[f"{prefix}.{src}.weight"] = (f"{ours}/mlp/{n}/kernel", LINEAR)
+        m[f"{prefix}.{src}.bias"] = (f"{ours}/mlp/{n}/bias", IDENT)
     return m
 
 
-def key_map(c: ml_collections.ConfigDict) -> dict[str, tuple[str, Callable]]:
-    """Every release tensor name for config `c`, with our path and layout transform."""
-    ident = lambda a: a  # noqa: E731
-    conv1x1 = lambda a: a[:, :, 0, 0].T  # noqa: E731
+def key_map(c: ml_collections.ConfigDict) -> dict[str, tuple[str, object]]:
+    """Every release tensor name for config `c`, with our path and layout."""
     m = {
-        "trunk.patch_embed.proj.weight": ("trunk/patch_embed/kernel", lambda a: a.transpose(2, 3, 1, 0)),
-        "trunk.patch_embed.proj.bias": ("trunk/patch_embed/bias", ident),
-        "trunk.cls_token": ("trunk/cls_token", ident),
-        "trunk.mask_token": ("trunk/mask_token", ident),
-        "trunk.norm.weight": ("trunk/norm/scale", ident),
-        "trunk.feature_bottleneck.weight": ("feature_bottleneck/kernel", _t),
+        "trunk.patch_embed.proj.weight": ("trunk/patch_embed/kernel", CONV),
+        "trunk.patch_embed.proj.bias": ("trunk/patch_embed/bias", IDENT),
+        "trunk.cls_token": ("trunk/cls_token", IDENT),
+        "trunk.mask_token": ("trunk/mask_token", IDENT),
+        "trunk.norm.weight": ("trunk/norm/scale", IDENT),
+        "trunk.feature_bottleneck.weight": ("feature_bottleneck/kernel", LINEAR),
     }
     if c.norm == "layernorm":
-        m["trunk.norm.bias"] = ("trunk/norm/bias", ident)
+        m["trunk.norm.bias"] = ("trunk/norm/bias", IDENT)
     if c.n_registers:
-        m["trunk.storage_tokens"] = ("trunk/registers", ident)
+        m["trunk.storage_tokens"] = ("trunk/registers", IDENT)
     for i in range(c.depth):
-        m.update(_block_map(f"trunk.blocks.{i}", f"trunk/blocks_{i}", c.num_heads, c.width, mlp=c.mlp,
-                            norm=c.norm, qk_norm=c.qk_norm, layerscale=c.layerscale is not None, text=False))
+        m.update(_block_map(f"trunk.blocks.{i}", f"trunk/blocks_{i}", mlp=c.mlp, norm=c.norm, qk_norm=c.qk_norm,
+                            layerscale=c.layerscale is not None, text=False))
     d = c.decoder
     if d.depth:
         m.update({
-            "pixel_decoder.proj_in.weight": ("pixel_decoder/proj_in/kernel", conv1x1),
-            "pixel_decoder.proj_in.bias": ("pixel_decoder/proj_in/bias", ident),
-            "pixel_decoder.norm.weight": ("pixel_decoder/norm/scale", ident),
-            "pixel_decoder.proj_out.weight": ("pixel_decoder/proj_out/kernel", conv1x1),
-            "pixel_decoder.proj_out.bias": ("pixel_decoder/proj_out/bias", ident),
+            "pixel_decoder.proj_in.weight": ("pixel_decoder/proj_in/kernel", CONV1X1),
+            "pixel_decoder.proj_in.bias": ("pixel_decoder/proj_in/bias", IDENT),
+            "pixel_decoder.norm.weight": ("pixel_decoder/norm/scale", IDENT),
+            "pixel_decoder.proj_out.weight": ("pixel_decoder/proj_out/kernel", CONV1X1),
+            "pixel_decoder.proj_out.bias": ("pixel_decoder/proj_out/bias", IDENT),
         })
         if d.norm == "layernorm":
-            m["pixel_decoder.norm.bias"] = ("pixel_decoder/norm/bias", ident)
+            m["pixel_decoder.norm.bias"] = ("pixel_decoder/norm/bias", IDENT)
         for i in range(d.depth):
-            m.update(_block_map(f"pixel_decoder.blocks.{i}", f"pixel_decoder/blocks_{i}", d.num_heads, d.width,
-                                mlp=d.mlp, norm=d.norm, qk_norm=d.qk_norm, layerscale=d.layerscale is not None,
-                                text=False))
+            m.update(_block_map(f"pixel_decoder.blocks.{i}", f"pixel_decoder/blocks_{i}", mlp=d.mlp, norm=d.norm,
+                                qk_norm=d.qk_norm, layerscale=d.layerscale is not None, text=False))
     t = c.text
     if t.depth:
         m.update({
-            "token_embedding.weight": ("text/token_embedding", ident),
-            "positional_embedding": ("text/positional_embedding", ident),
-            "ln_final.weight": ("text/ln_final/scale", ident),
-            "ln_final.bias": ("text/ln_final/bias", ident),
-            "text_projection": ("text/text_projection", ident),  # stored (width, out) already
-            "visual_proj.weight": ("visual_proj/kernel", _t),
-            "logit_scale": ("logit_scale", lambda a: a.reshape(())),
+            "token_embedding.weight": ("text/token_embedding", IDENT),
+            "positional_embedding": ("text/positional_embedding", IDENT),
+            "ln_final.weight": ("text/ln_final/scale", IDENT),
+            "ln_final.bias": ("text/ln_final/bias", IDENT),
+            "text_projection": ("text/text_projection", IDENT),  # stored (width, out) already
+            "visual_proj.weight": ("visual_proj/kernel", LINEAR),
+            "logit_scale": ("text/logit_scale", SCALAR),
         })
         for i in range(t.depth):
-            m.update(_block_map(f"text_transformer.resblocks.{i}", f"text/blocks_{i}", t.num_heads, t.width,
-                                mlp="gelu", norm="layernorm", qk_norm=False, layerscale=False, text=True))
+            m.update(_block_map(f"text_transformer.resblocks.{i}", f"text/blocks_{i}", mlp="gelu", norm="layernorm",
+                                qk_norm=False, layerscale=False, text=True))
     return m
 
 
@@ -226,16 +247,14 @@ def convert(tensors: dict[str, np.ndarray], c: ml_collections.ConfigDict):
     unexpected = sorted(k for k in tensors if k not in mapping and k not in buffers)
     problems = []
     flat = {}
-    for k, (path, fn) in mapping.items():
+    for k, (path, layout) in mapping.items():
         if k not in tensors:
             continue
-        try:
-            a = fn(np.asarray(tensors[k], np.float32))
-        except (ValueError, IndexError) as e:
-            problems.append(f"{k}: shape {tuple(tensors[k].shape)} cannot map to {path} ({e})")
-            continue
-        if a.shape != flat_shapes[path]:
-            problems.append(f"{k}: shape {tuple(tensors[k].shape)} does not fit {path} {flat_shapes[path]}")
+        want = flat_shapes[path]
+        a = to_ours(layout, np.asarray(tensors[k], np.float32), want)
+        if a.shape != want:
+            expected = to_release(layout, np.empty(want)).shape
+            problems.append(f"{k}: shape {tuple(tensors[k].shape)}, expected {expected} (for {path} {want})")
             continue
         flat[path] = a
     for k, want in buffers.items():
@@ -285,3 +304,45 @@ def load_release(folder: str):
     c = config_from_release(rc)
     params = convert(read_safetensors(st_path), c)
     return c, jax.tree.map(np.asarray, params)
+
+
+def config_to_release(c: ml_collections.ConfigDict, image_size: int = 256) -> dict:
+    """The official config.json fields describing our model config `c`."""
+    if c.n_registers:
+        raise CheckpointError("the release format has no register tokens (model.n_registers > 0)")
+    inv_ffn = {v: k for k, v in _FFN.items()}
+    rc = dict(model_type="vtp", image_size=image_size, train_clip=bool(c.text.depth),
+              train_reconstruction=bool(c.decoder.depth), vision_patch_size=c.patch_size,
+              vision_embed_dim=c.width, vision_depth=c.depth, vision_num_heads=c.num_heads,
+              vision_mlp_ratio=c.mlp_ratio, vision_ffn_layer=inv_ffn[c.mlp], vision_norm_layer=c.norm,
+              vision_init_values=c.layerscale, vision_use_qk_norm=c.qk_norm, vision_feature_bottleneck=c.latent_dim,
+              vision_clip_feat=c.clip_feat, **_FIXED)
+    if c.decoder.depth:
+        d = c.decoder
+        rc.update(decoder_embed_dim=d.width, decoder_depth=d.depth, decoder_num_heads=d.num_heads,
+                  decoder_ffn_layer=inv_ffn[d.mlp], decoder_norm_layer=d.norm, decoder_init_values=d.layerscale,
+                  decoder_use_qk_norm=d.qk_norm)
+    if c.text.depth:
+        t = c.text
+        if c.clip_dim != t.width:
+            raise CheckpointError(f"the release projects CLIP to text width: clip_dim={c.clip_dim} != {t.width}")
+        rc.update(text_embed_dim=t.width, text_depth=t.depth, text_num_heads=t.num_heads, text_mlp_ratio=t.mlp_ratio,
+                  text_vocab_size=t.vocab_size, text_context_length=t.context_length,
+                  init_logit_scale=c.init_logit_scale)
+    return rc
+
+
+def export_release(c: ml_collections.ConfigDict, params, folder: str, image_size: int = 256):
+    """Writes our params as a release folder (config.json + float32 model.safetensors) that
+    `load_pretrained` and the official PyTorch code both open. Parts the release has no place
+    for (the DINO head) are left out."""
+    import safetensors.numpy
+
+    rc = config_to_release(c, image_size)
+    flat = {"/".join(k): np.asarray(v, np.float32) for k, v in _flatten(jax.device_get(params)).items()}
+    tensors = {k: np.ascontiguousarray(to_release(layout, flat[path])) for k, (path, layout) in key_map(c).items()}
+    tensors.update({k: np.ascontiguousarray(v) for k, v in _rope_buffers(c).items()})
+    os.makedirs(folder, exist_ok=True)
+    safetensors.numpy.save_file(tensors, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(rc, f, indent=1)

@@ -27,19 +27,22 @@ def param_with_axes(init, axes):
     return nn.with_logical_partitioning(init, axes)
 
 
-def dense(features, axes, *, use_bias=True, std=0.02, dtype=jnp.float32, name=None, axis=-1):
-    """DenseGeneral with logical axes on kernel and bias; truncated-normal init as the release."""
+def dense(features, axes, *, use_bias=True, std=0.02, dtype=jnp.float32, name=None, in_shape=None):
+    """Linear map with logical axes on kernel and bias; truncated-normal init as the release.
+
+    With `in_shape` (the contracted trailing input dims) or tuple `features`, the kernel is
+    multi-axis (fused qkv (D, 3, H, dh), attention out (H, dh, D)) and an Einsum, whose
+    initializer sees the real kernel shape, so the logical names always match its rank.
+    """
     features_t = features if isinstance(features, tuple) else (features,)
-    return nn.DenseGeneral(
-        features=features_t,
-        axis=axis,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=param_with_axes(nn.initializers.truncated_normal(std), axes),
-        bias_init=param_with_axes(nn.initializers.zeros, axes[-len(features_t):]),
-        name=name,
-    )
+    kernel_init = param_with_axes(nn.initializers.truncated_normal(std), axes)
+    bias_init = param_with_axes(nn.initializers.zeros, axes[-len(features_t):])
+    if in_shape is None:
+        return nn.Dense(features_t[0], use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                        kernel_init=kernel_init, bias_init=bias_init, name=name)
+    ins, outs = "abcd"[:len(in_shape)], "efgh"[:len(features_t)]
+    return nn.Einsum((*in_shape, *features_t), f"...{ins},{ins}{outs}->...{outs}", use_bias, dtype, jnp.float32,
+                     kernel_init=kernel_init, bias_init=bias_init, name=name)
 
 
 def norm_layer(kind: str, eps: float | None = None, name=None, dtype=jnp.float32):
@@ -142,7 +145,7 @@ class Attention(nn.Module):
         width = x.shape[-1]
         head_dim = width // self.num_heads
         qkv = dense((3, self.num_heads, head_dim), ("embed", None, "heads", "kv"),
-                    std=self.qkv_std, dtype=self.dtype, name="qkv")(x)
+                    std=self.qkv_std, dtype=self.dtype, name="qkv", in_shape=(width,))(x)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         if self.qk_norm:  # before RoPE, as in the release.
             q = norm_layer("rmsnorm", name="q_norm", dtype=self.dtype)(q)
@@ -155,8 +158,8 @@ class Attention(nn.Module):
             out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation=impl)
-        return dense(width, ("heads", "kv", "embed"), axis=(-2, -1), std=self.proj_std,
-                     dtype=self.dtype, name="proj")(out)
+        return dense(width, ("heads", "kv", "embed"), std=self.proj_std, dtype=self.dtype, name="proj",
+                     in_shape=(self.num_heads, head_dim))(out)
 
 
 class Mlp(nn.Module):
@@ -206,6 +209,8 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, rope=None, drop_rate: float = 0.0):
         qkv_std, proj_std, fc_std, mlp_proj_std = self.init_stds
+        # Keeps GSPMD from sharding activations along features under FSDP (no-op without rules).
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         attn = Attention(self.num_heads, self.qk_norm, self.causal, self.rope_bf16, self.attention,
                          qkv_std, proj_std, self.dtype, name="attn")
         mlp = Mlp(self.mlp_hidden, self.mlp, fc_std, mlp_proj_std, self.dtype, name="mlp")

@@ -140,6 +140,7 @@ class TextTower(nn.Module):
     mlp_ratio: float = 4.0
     vocab_size: int = 49408
     context_length: int = 77
+    init_logit_scale: float = 2.659260036932778
     remat: str = "none"
     attention: str = "xla"
     dtype: Any = jnp.float32
@@ -162,6 +163,8 @@ class TextTower(nn.Module):
                       True, False, self.attention, stds, dtype=self.dtype, name=f"blocks_{i}")(x, None, 0.0)
         x = norm_layer("layernorm", 1e-5, name="ln_final", dtype=self.dtype)(x)
         pooled = x[jnp.arange(b), jnp.argmax(tokens, axis=-1)]
+        # CLIP's learned log temperature lives with the text tower (created here, read by the loss).
+        self.param("logit_scale", param_with_axes(nn.initializers.constant(self.init_logit_scale), ()), (), jnp.float32)
         proj = self.param("text_projection", param_with_axes(nn.initializers.normal(self.width ** -0.5), ("embed", None)),
                           (self.width, self.out_dim), jnp.float32)
         return pooled.astype(jnp.float32) @ proj
@@ -186,10 +189,8 @@ class VTP(nn.Module):
         t = c.text
         if t.depth:
             self.text = TextTower(t.width, t.depth, t.num_heads, c.clip_dim, t.mlp_ratio, t.vocab_size,
-                                  t.context_length, c.remat, c.attention, dtype)
+                                  t.context_length, c.init_logit_scale, c.remat, c.attention, dtype)
             self.visual_proj = dense(c.clip_dim, ("embed", None), use_bias=False, dtype=dtype)
-            self.logit_scale = self.param("logit_scale", param_with_axes(nn.initializers.constant(c.init_logit_scale), ()),
-                                          (), jnp.float32)
         if c.head.prototypes:
             h = c.head
             self.dino_head = DINOHead(h.prototypes, h.hidden_dim, h.bottleneck_dim, h.n_layers, dtype)
