@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["vtp_jax", "vtp_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.6",
+        "jax>=0.7",
         "flax>=0.10",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
@@ -19,6 +19,8 @@ setup(
         "clu>=0.0.12",
         "einops>=0.8",
         "safetensors>=0.4",
+        "array_record>=0.5",
+        "msgpack",
         "ml_dtypes>=0.5",
         "numpy>=1.26",
         "pillow>=10",

@@ -1,4 +1,5 @@
 """VTP-L (f16d64) as released: ViT-L/16 trunk (24 x 1024), symmetric decoder, CLIP text tower.
+Trained with the paper's recipe: `vtp_jax.config.paper_recipe` (bf16, FSDP, 16k / 4k / 2k batches).
 
 The paper's scaling runs used a light 4-block decoder and QK-norm:
   --config.model.decoder.depth=4 --config.model.qk_norm=True --config.model.decoder.qk_norm=True
@@ -9,5 +10,5 @@ from vtp_jax import config as config_lib
 
 def get_config():
     c = config_lib.default_config()
-    config_lib.with_size(c.model, "L")
+    config_lib.paper_recipe(c, "L")
     return c

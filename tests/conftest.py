@@ -1,9 +1,13 @@
 """Test session set-up: 8 host CPU devices so that mesh tests run on any laptop or CI box."""
 import os
 
+# Tests compile many small programs and run each for milliseconds: trade XLA's CPU code quality
+# for compile speed (about 2x faster compiles; numerics unchanged).
+FAST_COMPILE = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
 # Must happen before jax initialises its backends.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8" + FAST_COMPILE
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

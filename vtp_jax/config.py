@@ -100,9 +100,105 @@ def check_fields(config: ml_collections.ConfigDict, schema: ml_collections.Confi
         raise ValueError(f"unknown {where} field(s): {', '.join(sorted(unknown))}")
 
 
+def objectives_config() -> ml_collections.ConfigDict:
+    """Loss weights and the SSL recipe. DINOv2 / OpenCLIP defaults where the paper is silent."""
+    c = ml_collections.ConfigDict()
+    # L_total = l_rec * L_rec + l_ssl * L_ssl + l_clip * L_clip (paper: 0.1 / 1 / 1). A weight of 0
+    # removes that objective's forward pass from the step.
+    c.l_rec = 0.1
+    c.l_ssl = 1.0
+    c.l_clip = 1.0
+    c.logit_scale_max = 4.605170185988092  # log(100): OpenCLIP clamps the scale at 100.
+    # SSL (DINOv2): L_ssl = dino_weight * L_dino + ibot_weight * L_ibot + koleo_weight * L_koleo.
+    c.dino_weight = 1.0
+    c.ibot_weight = 1.0
+    c.koleo_weight = 0.1
+    c.student_temp = 0.1
+    c.teacher_temp = 0.07
+    c.warmup_teacher_temp = 0.04
+    c.warmup_teacher_temp_steps = 0  # DINOv2: 30 epochs.
+    c.centering = "centering"  # 'centering' (EMA center) or 'sinkhorn_knopp'.
+    c.center_momentum = 0.9
+    c.teacher_momentum = 0.992  # cosine to teacher_momentum_end over the run (DINOv2).
+    c.teacher_momentum_end = 1.0
+    c.freeze_last_layer_steps = 0  # DINOv2: the prototypes stay frozen for the first epoch.
+    # Reconstruction: L_rec = l1_weight * L1 + lpips_weight * LPIPS(VGG16) in [-1, 1] pixels.
+    c.l1_weight = 1.0
+    c.lpips_weight = 1.0
+    c.lpips_params = ""  # Flax LPIPS file from `python -m vtp_jax.checkpoints.torch_convert lpips`.
+    # Batch-subset stochastic depth per pass (the teacher uses none).
+    c.drop_path_clip = 0.0
+    c.drop_path_ssl = 0.0
+    c.drop_path_rec = 0.0
+    return c
+
+
+def optim_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.lr = 5e-4  # peak; warmup then cosine to min_lr.
+    c.min_lr = 1e-6
+    c.warmup_steps = 1000
+    c.b1 = 0.9
+    c.b2 = 0.98  # OpenCLIP's large-batch value (DINOv2: 0.999).
+    c.eps = 1e-6
+    c.weight_decay = 0.04  # cosine to weight_decay_end (DINOv2).
+    c.weight_decay_end = 0.2
+    c.clip_grad = 3.0  # global norm (DINOv2); 0 disables.
+    c.layer_decay = 1.0  # DINOv2 uses 0.9; 1.0 is off.
+    c.patch_embed_lr_mult = 1.0  # DINOv2 uses 0.2.
+    return c
+
+
+def train_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.steps = 100_000
+    c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices.
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.images_every = 1000  # reconstructions written to TensorBoard and the workdir.
+    c.max_nonfinite = 10  # abort after this many non-finite steps in a row.
+    c.profile_steps = 0  # > 0: a profile of this many steps after warm-up (clu Profile).
+    c.init_from = ""  # released VTP folder (load_pretrained) to fine-tune from.
+    return c
+
+
 def default_config() -> ml_collections.ConfigDict:
     """Every field any job reads, with defaults; configs/*.py start from this and override."""
+    from vtp_jax.data import pipeline  # local: the data module imports config helpers
+
     c = ml_collections.ConfigDict()
     c.model = model_config()
+    c.data = pipeline.data_config()
+    c.data.context_length = c.model.text.get_ref("context_length")  # one value for both
+    c.data.patch_size = c.model.get_ref("patch_size")  # iBOT mask grid
+    c.objectives = objectives_config()
+    c.optim = optim_config()
+    c.train = train_config()
     c.seed = 0
+    return c
+
+
+def paper_recipe(c: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
+    """VTP pre-training at pod scale (paper where it speaks, DINOv2 / OpenCLIP where silent)."""
+    with_size(c.model, size)
+    c.model.dtype = "bfloat16"  # compute; params and optimizer state stay float32
+    c.model.remat = "dots"
+    d = c.data  # paper: 256 px, B_clip 16k, B_ssl 4k, B_rec 2k (the data_config defaults)
+    d.source = "array_record"
+    d.paths = ""  # required: --config.data.paths='gs://.../*.array_record'
+    d.num_workers = 8
+    o = c.objectives  # paper: l_rec 0.1, l_ssl 1, l_clip 1 (the defaults)
+    o.lpips_params = ""  # required with lpips_weight > 0 (README: LPIPS weights)
+    o.warmup_teacher_temp_steps = 10_000  # DINOv2: 30 epochs of its schedule
+    o.freeze_last_layer_steps = 1_250  # DINOv2: one epoch of 1250 iterations
+    o.drop_path_ssl = 0.1  # DINOv2 ViT-L uses 0.3 at lower batch; not stated by VTP
+    opt = c.optim
+    opt.lr, opt.warmup_steps = 5e-4, 2_000  # OpenCLIP-style at 16k pairs per step
+    opt.layer_decay = 0.9  # DINOv2
+    opt.patch_embed_lr_mult = 0.2  # DINOv2
+    t = c.train
+    t.steps = 70_000  # ~1.1B samples at 16k per step (the paper's scaling runs)
+    t.mesh = (-1, 8, 1)  # FSDP over 8 devices (one host), data parallel across hosts
+    t.log_every, t.checkpoint_every, t.images_every = 100, 2_000, 2_000
     return c

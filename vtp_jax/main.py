@@ -1,55 +1,50 @@
-"""Entry point: `python -m vtp_jax.main --config=configs/demo.py --workdir=DIR`.
+"""Entry point: `python -m vtp_jax.main --config=configs/X.py --workdir=DIR [--config.a.b=v ...]`.
 
-For now the job initialises the configured model and writes reconstructions of generated images
-(the pre-training loop lands with the trainer); it proves the install end to end.
+Multi-process runs (TPU pods, SLURM, or `launch/local_multiprocess.sh`) call
+`jax.distributed.initialize` first: with no flags JAX detects the cluster (TPU, SLURM, ...);
+`--coordinator/--num_processes/--process_id` set it explicitly.
 """
 from __future__ import annotations
 
-import os
-
 import jax
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
-from PIL import Image
-
-from vtp_jax import config as config_lib
-from vtp_jax.models.vtp import VTP, init_params
-from vtp_jax.reconstruct import denormalize, normalize
 
 config_flags.DEFINE_config_file("config", None, "configs/*.py file", lock_config=True)
-flags.DEFINE_string("workdir", None, "where logs, images and checkpoints go")
+flags.DEFINE_string("workdir", None, "logs, reconstructions and checkpoints (local path or gs://)")
+flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process without auto-detection)")
+flags.DEFINE_integer("num_processes", None, "number of processes (with --coordinator)")
+flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator)")
+flags.DEFINE_bool("distributed", None, "force jax.distributed.initialize() with auto-detection")
 FLAGS = flags.FLAGS
 
 
-def _images(n, size, seed):
-    """Coloured rectangles on gradients: enough structure to look at."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size] / size
-    out = np.empty((n, size, size, 3), np.uint8)
-    for i in range(n):
-        img = np.stack([yy, xx, 1 - yy], -1) * rng.uniform(0.3, 1, 3)
-        y0, x0 = rng.integers(0, size // 2, 2)
-        img[y0:y0 + size // 3, x0:x0 + size // 3] = rng.uniform(0, 1, 3)
-        out[i] = (img * 255).astype(np.uint8)
-    return out
+def _maybe_initialize_distributed():
+    if FLAGS.coordinator:
+        if FLAGS.num_processes is None or FLAGS.process_id is None:
+            raise app.UsageError("--coordinator needs --num_processes and --process_id")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU only; harmless on GPU/TPU
+        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    elif FLAGS.distributed or (FLAGS.distributed is None and _in_cluster()):
+        jax.distributed.initialize()
+
+
+def _in_cluster() -> bool:
+    """A multi-host TPU slice or a SLURM job of more than one task."""
+    import os
+
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ[
+        "TPU_WORKER_HOSTNAMES"]
 
 
 def main(argv):
     del argv
-    config = FLAGS.config
-    config_lib.check_fields(config, config_lib.default_config())
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    size = 8 * config.model.patch_size
-    params = init_params(config.model, jax.random.key(config.seed), size)
-    images = _images(4, size, config.seed)
-    recon = jax.jit(lambda p, x: VTP(config.model).apply({"params": p}, x, method=lambda m, x: m.decode(m.encode(x))))(
-        params, normalize(images))
-    grid = np.concatenate([np.concatenate([a, denormalize(b)], 1) for a, b in zip(images, recon)], 0)
-    path = os.path.join(FLAGS.workdir, "reconstructions.png")
-    Image.fromarray(grid).save(path)
-    n = sum(x.size for x in jax.tree.leaves(params))
-    logging.info("model with %.2fM parameters; reconstructions (untrained) written to %s", n / 1e6, path)
+    _maybe_initialize_distributed()
+    logging.info("process %d of %d, %d devices (%d local)", jax.process_index(), jax.process_count(),
+                 jax.device_count(), jax.local_device_count())
+    from vtp_jax.train import loop
+
+    loop.train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

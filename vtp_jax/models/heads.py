@@ -6,7 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vtp_jax.models.layers import dense, param_with_axes
+from vtp_jax.models.layers import dense, l2_normalize, param_with_axes
 
 
 class DINOHead(nn.Module):
@@ -30,8 +30,8 @@ class DINOHead(nn.Module):
                               dtype=self.dtype, name=f"mlp_{i}")(x), approximate=False)
         x = dense(self.bottleneck_dim, ("mlp", None) if self.n_layers > 1 else ("embed", None),
                   dtype=self.dtype, name=f"mlp_{self.n_layers - 1}")(x).astype(jnp.float32)
-        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        x = l2_normalize(x)
         v = self.param("prototypes", param_with_axes(nn.initializers.truncated_normal(0.02), (None, "vocab")),
                        (self.bottleneck_dim, self.prototypes), jnp.float32)
-        w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+        w = l2_normalize(v, axis=0)
         return (x.astype(self.dtype) @ w.astype(self.dtype)).astype(jnp.float32)

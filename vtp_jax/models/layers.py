@@ -23,6 +23,11 @@ _BF16 = ml_dtypes.bfloat16
 trunc_normal = nn.initializers.truncated_normal  # std is the std of the truncated normal's parent
 
 
+def l2_normalize(x, axis=-1, eps=1e-12):
+    """x / max(||x||, eps) (torch's F.normalize), with a finite gradient at x = 0 (padding rows)."""
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
+
+
 def param_with_axes(init, axes):
     return nn.with_logical_partitioning(init, axes)
 
@@ -88,7 +93,7 @@ def rope_tables(h: int, w: int, head_dim: int, base: float = 100.0, bf16: bool =
     """
     if head_dim % 4:
         raise ValueError(f"axial RoPE needs head_dim divisible by 4, got {head_dim}")
-    r = _round_bf16 if bf16 else (lambda a: np.asarray(a, np.float32))
+    r = _round_bf16 if bf16 else (lambda a: np.asarray(a, np.float32))  # noqa: E731
     n_freq = head_dim // 4
     periods = r(np.float32(base) ** r(r(2 * r(np.arange(n_freq))) / np.float32(head_dim // 2)))
     coords_h = r(r(np.arange(0.5, h, dtype=np.float32)) / np.float32(h))

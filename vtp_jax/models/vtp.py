@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vtp_jax.models.heads import DINOHead
-from vtp_jax.models.layers import dense, norm_layer, param_with_axes, mlp_hidden, remat_block, rope_tables
+from vtp_jax.models.layers import dense, l2_normalize, norm_layer, param_with_axes, mlp_hidden, remat_block, rope_tables
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -236,11 +236,6 @@ class VTP(nn.Module):
 
     def head(self, x):
         return self.dino_head(x)
-
-
-def l2_normalize(x, eps=1e-12):
-    """torch.nn.functional.normalize: x / max(||x||, eps)."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def init_params(config: ml_collections.ConfigDict, rng, image_size: int | None = None):

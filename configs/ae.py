@@ -1,0 +1,10 @@
+"""The paper's ablation: reconstruction only (the plain autoencoder baseline), VTP-B shapes, the rest of the VTP recipe."""
+from vtp_jax import config as config_lib
+
+
+def get_config():
+    c = config_lib.default_config()
+    config_lib.paper_recipe(c, "B")
+    c.objectives.l_clip = 0.0
+    c.objectives.l_ssl = 0.0
+    return c

@@ -1,0 +1,45 @@
+"""A tiny VTP config for tests; also a config file: --config=tests/tiny.py."""
+import importlib.util
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config(name="demo"):
+    c = load_config(name)
+    m = c.model
+    m.patch_size, m.width, m.depth, m.num_heads, m.latent_dim = 8, 32, 1, 2, 8
+    m.decoder.width, m.decoder.depth, m.decoder.num_heads = 32, 1, 2
+    m.text.width, m.text.depth, m.text.num_heads = 32, 1, 2
+    m.clip_dim = 32  # = text width, so the model exports in the release format
+    m.head.hidden_dim, m.head.bottleneck_dim, m.head.prototypes = 32, 16, 64
+    d = c.data
+    d.image_size, d.global_crops_size, d.local_crops_size, d.local_crops_number = 16, 16, 8, 2
+    d.procedural_size = 16
+    d.batch_clip, d.batch_ssl, d.batch_rec = 16, 8, 8
+    c.objectives.lpips_weight = 0.0
+    c.optim.warmup_steps, c.optim.lr = 1, 1e-3
+    c.train.steps = 10
+    c.train.log_every = 1
+    return c
+
+
+def restore_params(workdir, step):
+    """Params of a trainer checkpoint as host arrays, whatever mesh or process count wrote it."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(str(workdir), "checkpoints", str(step), "state")
+    meta = ocp.StandardCheckpointer().metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    return jax.device_get(ocp.StandardCheckpointer().restore(path, target)["params"])
