@@ -51,12 +51,52 @@ def throughput(name, batch, steps, image, dtype):
         jax.block_until_ready(m)
         dt = (time.perf_counter() - t) / steps
     peak = loop.peak_flops(jax.devices())
+    data_dt = pipeline_seconds_per_batch(tr.config, steps)
     return (f"{name} ({dtype}, {c.data.image_size}px, B_clip/ssl/rec {c.data.batch_clip}/{c.data.batch_ssl}/"
             f"{c.data.batch_rec}): {batch / dt:.2f} img/s, {dt * 1e3:.0f} ms/step, {flops / 1e9:.1f} GFLOP/step, "
-            f"{flops / dt / 1e9:.1f} GFLOP/s achieved / {peak / 1e9:.0f} peak = MFU {flops / dt / peak:.1%}")
+            f"{flops / dt / 1e9:.1f} GFLOP/s achieved / {peak / 1e9:.0f} peak = MFU {flops / dt / peak:.1%}; "
+            f"procedural data pipeline (in-process) {1 / data_dt:.2f} batches/s = {dt / data_dt:.2f}x the step's need")
 
 
-def memory(name, batch, image):
+def pipeline_seconds_per_batch(config, n):
+    """Seconds per batch of the grain pipeline for this config (procedural source, this process)."""
+    from vtp_jax.data import pipeline
+
+    d = config.data.copy_and_resolve_references()
+    d.source = "procedural"
+    it = pipeline.make_train_iterator(d, seed=0, process_index=0, process_count=1)
+    next(it)
+    t = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    return (time.perf_counter() - t) / n
+
+
+def encode_decode(name, batch, image):
+    """Released-architecture encode and decode throughput (float32, jitted, one device)."""
+    from vtp_jax.models.vtp import VTP, init_params
+
+    c = load_config(name).model
+    c.head.prototypes, c.text.depth = 0, 0
+    params = init_params(c, jax.random.key(0), image)
+    model = VTP(c)
+    x = jax.numpy.zeros((batch, image, image, 3))
+    enc = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VTP.encode))
+    z = enc(params, x).block_until_ready()
+    dec = jax.jit(lambda p, z: model.apply({"params": p}, z, method=VTP.decode))
+    dec(params, z).block_until_ready()
+    out = []
+    for what, f, arg in (("encode", enc, x), ("decode", dec, z)):
+        t = time.perf_counter()
+        for _ in range(3):
+            f(params, arg).block_until_ready()
+        out.append(f"{batch * 3 / (time.perf_counter() - t):.2f} img/s {what}")
+    return f"{name} at {image}px, batch {batch}: " + ", ".join(out)
+
+
+def memory(name, batch, image, compile_fsdp=8):
+    """Per-device bytes of the train state (params + teacher + AdamW) for each fsdp size, from
+    the shardings (no allocation); the step itself is compiled once, at fsdp=compile_fsdp."""
     lines = []
     for fsdp in (1, 2, 4, 8):
         if jax.device_count() % fsdp:
@@ -66,16 +106,21 @@ def memory(name, batch, image):
         tr = loop.build(c, sharding.make_mesh((-1, fsdp, 1)))
         with loop.scope(tr):
             state = jax.eval_shape(tr.init, jax.random.key(0))
+        state_bytes = sum(np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+                          for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(tr.shardings)))
+        line = (f"{name} mesh (data={jax.device_count() // fsdp}, fsdp={fsdp}): state (params + teacher + AdamW) "
+                f"{state_bytes / 2**30:.2f} GiB/device")
+        if fsdp == compile_fsdp:
             spec = pretrain.batch_spec(tr.config)
             batch_sds = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(
                 tr.mesh, len(v.shape), sharding.batch_axis(k))) for k, v in spec.items()}
             t = time.perf_counter()
-            mem = tr.step.lower(state, batch_sds, tr.lpips_params).compile().memory_analysis()
-        state_bytes = sum(np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
-                          for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(tr.shardings)))
-        lines.append(f"{name} mesh (data={jax.device_count() // fsdp}, fsdp={fsdp}): state (params + teacher + "
-                     f"AdamW) {state_bytes / 2**30:.2f} GiB/device, compiled args {mem.argument_size_in_bytes / 2**30:.2f} "
-                     f"GiB + temps {mem.temp_size_in_bytes / 2**30:.2f} GiB/device (compile {time.perf_counter() - t:.0f}s)")
+            with loop.scope(tr):
+                mem = tr.step.lower(state, batch_sds, tr.lpips_params).compile().memory_analysis()
+            line += (f"; compiled step (B_clip {c.data.batch_clip}, bf16, remat full): arguments "
+                     f"{mem.argument_size_in_bytes / 2**30:.2f} GiB + temporaries {mem.temp_size_in_bytes / 2**30:.2f} "
+                     f"GiB per device (compile {time.perf_counter() - t:.0f} s)")
+        lines.append(line)
     return lines
 
 
@@ -87,10 +132,12 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--memory", nargs="*", default=[], help="sizes to compile-only on every fsdp size")
+    ap.add_argument("--encode", nargs="*", default=[], help="sizes for encode / decode throughput")
     args = ap.parse_args()
     lines = [throughput(s, args.batch, args.steps, args.image, args.dtype) for s in args.sizes]
     for s in args.memory:
         lines += memory(s, 1, args.image)
+    lines += [encode_decode(s, 2, args.image or 256) for s in args.encode]
     record("Train step", lines)
 
 

@@ -118,3 +118,20 @@ def test_nonfinite_step_is_skipped_and_counted(single):
     jax.tree.map(np.testing.assert_array_equal, history[1].teacher_params, history[0].teacher_params)
     np.testing.assert_array_equal(history[1].dino_center, history[0].dino_center)
     assert not np.array_equal(history[2].params["trunk"]["cls_token"], history[1].params["trunk"]["cls_token"])
+
+
+def test_init_from_released_checkpoint(single, tmp_path):
+    """--config.train.init_from: release-format weights replace the student and the teacher;
+    what the release has no place for (the DINO head) keeps its fresh init."""
+    from vtp_jax.checkpoints import released
+
+    with loop.scope(single):
+        donor = jax.device_get(single.init(jax.random.key(1)).params)
+        released.export_release(single.model.config, donor, str(tmp_path), image_size=16)
+        fresh = single.init(jax.random.key(0))
+        fresh_head = jax.device_get(fresh.params["dino_head"])
+        state = jax.device_get(loop._init_from_release(fresh, str(tmp_path), single.shardings))
+    for part in ("trunk", "pixel_decoder", "text", "visual_proj", "feature_bottleneck"):
+        jax.tree.map(np.testing.assert_array_equal, state.params[part], donor[part])
+    jax.tree.map(np.testing.assert_array_equal, state.params["dino_head"], fresh_head)
+    jax.tree.map(np.testing.assert_array_equal, state.teacher_params["trunk"], donor["trunk"])

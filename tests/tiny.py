@@ -25,14 +25,19 @@ def get_config(name="demo"):
     d.procedural_size = 16
     d.batch_clip, d.batch_ssl, d.batch_rec = 16, 8, 8
     c.objectives.lpips_weight = 0.0
-    c.optim.warmup_steps, c.optim.lr = 1, 1e-3
+    c.optim.warmup_steps, c.optim.lr = 0, 1e-3  # the very first update is a real one
+    # Adam's eps at 1e-6 turns near-zero gradients into +-lr updates, so reduction-order noise
+    # (another mesh, gloo vs in-process all-reduce) would become lr-sized differences; a larger
+    # eps keeps the update continuous in the gradient, so meshes compare at float tolerance.
+    c.optim.eps = 1e-3
     c.train.steps = 10
     c.train.log_every = 1
     return c
 
 
-def restore_params(workdir, step):
-    """Params of a trainer checkpoint as host arrays, whatever mesh or process count wrote it."""
+def restore_params(workdir, step, field="params"):
+    """A field of a trainer checkpoint's state as host arrays, whatever mesh or process count
+    wrote it."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -42,4 +47,4 @@ def restore_params(workdir, step):
     tree = getattr(tree, "tree", tree)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-    return jax.device_get(ocp.StandardCheckpointer().restore(path, target)["params"])
+    return jax.device_get(ocp.StandardCheckpointer().restore(path, target)[field])
