@@ -157,7 +157,7 @@ def train_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     c.images_every = 1000  # reconstructions written to TensorBoard and the workdir.
-    c.max_nonfinite = 10  # abort after this many non-finite steps in a row.
+    c.max_nonfinite = 10  # abort after this many non-finite steps in a row (checked when logging).
     c.profile_steps = 0  # > 0: a profile of this many steps after warm-up (clu Profile).
     c.init_from = ""  # released VTP folder (load_pretrained) to fine-tune from.
     return c

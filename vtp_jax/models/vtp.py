@@ -76,7 +76,10 @@ class Encoder(nn.Module):
         block = remat_block(self.remat)
         norm = norm_layer(self.norm, name="norm", dtype=self.dtype)
         hidden = mlp_hidden(self.mlp, self.width, self.mlp_ratio)
-        layers = {i % self.depth for i in return_layers}
+        bad = [i for i in return_layers if not -self.depth <= i < self.depth]
+        if bad:
+            raise ValueError(f"return_layers {bad} out of range for a {self.depth}-block trunk")
+        layers = {i % self.depth for i in return_layers}  # -1 is the last block
         intermediates = []
         n_prefix = 1 + self.n_registers
         for i in range(self.depth):

@@ -216,7 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         else:
             state = tr.init(rng)
             if t.init_from:
-                state = _init_from_release(state, t.init_from, shardings)
+                state = _init_from_release(state, t.init_from)
 
         writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
         if latest is None:
@@ -286,7 +286,7 @@ def _export(config, model_cfg, params, folder):
             logging.warning("no release-format export: %s", e)
 
 
-def _init_from_release(state, folder, shardings):
+def _init_from_release(state, folder):
     """Overwrites the student and teacher with a released VTP's weights where they exist."""
     from vtp_jax.checkpoints import released
 

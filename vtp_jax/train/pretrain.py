@@ -7,7 +7,6 @@ an objective with weight 0 is not traced at all.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax
@@ -134,7 +133,7 @@ def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
     steps = config.train.steps
     momentum = optim.cosine_ramp(o.teacher_momentum, o.teacher_momentum_end, steps)
     teacher_temp = optim.teacher_temp_schedule(o)
-    apply = functools.partial(model.apply)
+    apply = model.apply
 
     def clip_loss(params, batch, rng):
         feats = apply({"params": params}, batch["clip_images"], None, o.drop_path_clip,
