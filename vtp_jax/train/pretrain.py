@@ -215,7 +215,7 @@ def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
         if on["clip"]:
             (l, aux), g = jax.value_and_grad(clip_loss, has_aux=True)(params, batch, r_clip)
             grads.append(jax.tree.map(lambda x: o.l_clip * x, g))
-            metrics.update(aux, l_clip=l, grad_norm_clip=optax.global_norm(grads[-1]))
+            metrics.update(aux, l_clip=l, grad_norm_clip=optax.tree.norm(grads[-1]))
             total += o.l_clip * l
         if on["ssl"]:
             temp = teacher_temp(state.step)
@@ -225,14 +225,14 @@ def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
                 state.teacher_params, batch, state.dino_center, state.ibot_center, temp, n_masked)
             (l, aux), g = jax.value_and_grad(ssl_loss, has_aux=True)(params, batch, (cls_p, patch_p), r_ssl, n_masked)
             grads.append(jax.tree.map(lambda x: o.l_ssl * x, g))
-            metrics.update(aux, l_ssl=l, grad_norm_ssl=optax.global_norm(grads[-1]), teacher_temp=temp,
+            metrics.update(aux, l_ssl=l, grad_norm_ssl=optax.tree.norm(grads[-1]), teacher_temp=temp,
                            center_entropy=_entropy(cls_p.mean(axis=(0, 1))),
                            ibot_masked=batch["ssl_masks"].sum(), ibot_dropped=batch["ssl_masks"].sum() - n_kept)
             total += o.l_ssl * l
         if on["rec"]:
             (l, aux), g = jax.value_and_grad(rec_loss, has_aux=True)(params, batch, r_rec, lpips_params)
             grads.append(jax.tree.map(lambda x: o.l_rec * x, g))
-            metrics.update(aux, l_rec=l, grad_norm_rec=optax.global_norm(grads[-1]))
+            metrics.update(aux, l_rec=l, grad_norm_rec=optax.tree.norm(grads[-1]))
             total += o.l_rec * l
         grads = jax.tree.map(lambda *g: sum(g), *grads)
         if o.freeze_last_layer_steps and "dino_head" in grads:
@@ -253,7 +253,7 @@ def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
             step=state.step + 1, params=keep(new_params, params), opt_state=opt_state,
             teacher_params=keep(teacher, state.teacher_params),
             dino_center=keep(dino_center, state.dino_center), ibot_center=keep(ibot_center, state.ibot_center))
-        metrics.update(loss=total, grad_norm=optax.global_norm(grads), lr=optim.current_lr(opt_state),
+        metrics.update(loss=total, grad_norm=optax.tree.norm(grads), lr=optim.current_lr(opt_state),
                        teacher_momentum=m, nonfinite_in_a_row=opt_state.notfinite_count,
                        nonfinite_total=opt_state.total_notfinite)
         return new_state, metrics
