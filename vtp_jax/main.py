@@ -6,6 +6,8 @@ Multi-process runs (TPU pods, SLURM, or `launch/local_multiprocess.sh`) call
 """
 from __future__ import annotations
 
+import os
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -31,8 +33,6 @@ def _maybe_initialize_distributed():
 
 def _in_cluster() -> bool:
     """A multi-host TPU slice or a SLURM job of more than one task."""
-    import os
-
     return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ[
         "TPU_WORKER_HOSTNAMES"]
 

@@ -25,24 +25,43 @@ def _dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-class Encoder(nn.Module):
-    """DINOv3-style ViT trunk: conv patch embed, cls (+ registers), RoPE blocks, final norm."""
+class RopeTransformer(nn.Module):
+    """What the trunk and the pixel decoder share: the same Block stack over an h x w token
+    grid with axial RoPE (prefix tokens, if any, lead the sequence and are not rotated)."""
 
-    patch_size: int
     width: int
     depth: int
     num_heads: int
+    patch_size: int = 16
     mlp: str = "swiglu"
     mlp_ratio: float = 4.0
     norm: str = "rmsnorm"
     qk_norm: bool = False
     layerscale: float | None = None
-    n_registers: int = 0
     rope_base: float = 100.0
     rope_bf16: bool = True
     remat: str = "none"
     attention: str = "xla"
     dtype: Any = jnp.float32
+
+    def blocks(self, x, h: int, w: int, drop_rate: float, keep=frozenset()):
+        """x after blocks_0..depth-1, and the outputs of the blocks in `keep`."""
+        rope = rope_tables(h, w, self.width // self.num_heads, self.rope_base, self.rope_bf16)
+        block = remat_block(self.remat)
+        hidden = mlp_hidden(self.mlp, self.width, self.mlp_ratio)
+        kept = []
+        for i in range(self.depth):
+            x = block(self.num_heads, hidden, self.mlp, self.norm, None, self.qk_norm, self.layerscale,
+                      False, self.rope_bf16, self.attention, dtype=self.dtype, name=f"blocks_{i}")(x, rope, drop_rate)
+            if i in keep:
+                kept.append(x)
+        return x, kept
+
+
+class Encoder(RopeTransformer):
+    """DINOv3-style ViT trunk: conv patch embed, cls (+ registers), RoPE blocks, final norm."""
+
+    n_registers: int = 0
 
     @nn.compact
     def __call__(self, images, masks=None, drop_rate: float = 0.0, return_layers: Sequence[int] = ()):
@@ -72,46 +91,25 @@ class Encoder(nn.Module):
             prefix.append(jnp.broadcast_to(regs, (b, self.n_registers, self.width)))
         x = jnp.concatenate([t.astype(x.dtype) for t in prefix] + [x], axis=1)
 
-        rope = rope_tables(h, w, self.width // self.num_heads, self.rope_base, self.rope_bf16)
-        block = remat_block(self.remat)
         norm = norm_layer(self.norm, name="norm", dtype=self.dtype)
-        hidden = mlp_hidden(self.mlp, self.width, self.mlp_ratio)
         bad = [i for i in return_layers if not -self.depth <= i < self.depth]
         if bad:
             raise ValueError(f"return_layers {bad} out of range for a {self.depth}-block trunk")
-        layers = {i % self.depth for i in return_layers}  # -1 is the last block
-        intermediates = []
         n_prefix = 1 + self.n_registers
-        for i in range(self.depth):
-            x = block(self.num_heads, hidden, self.mlp, self.norm, None, self.qk_norm, self.layerscale,
-                      False, self.rope_bf16, self.attention, dtype=self.dtype,
-                      name=f"blocks_{i}")(x, rope, drop_rate)
-            if i in layers:  # as the release's get_intermediate_layers(norm=True): patch tokens
-                intermediates.append(norm(x)[:, n_prefix:].reshape(b, h, w, self.width))
+        x, kept = self.blocks(x, h, w, drop_rate, {i % self.depth for i in return_layers})  # -1: last block
+        # As the release's get_intermediate_layers(norm=True): normed patch tokens.
+        intermediates = [norm(y)[:, n_prefix:].reshape(b, h, w, self.width) for y in kept]
         x = norm(x)
         return dict(cls=x[:, 0], registers=x[:, 1:n_prefix],
                     patches=x[:, n_prefix:].reshape(b, h, w, self.width),
                     intermediates=intermediates)
 
 
-class PixelDecoder(nn.Module):
+class PixelDecoder(RopeTransformer):
     """Latents (B, h, w, d) -> ImageNet-normalized pixels (B, h*p, w*p, 3) via RoPE blocks and
     pixel shuffle (channel c*p*p + i*p + j goes to pixel (p*y + i, p*x + j), colour c)."""
 
-    width: int
-    depth: int
-    num_heads: int
-    patch_size: int = 16
-    mlp: str = "swiglu"
-    mlp_ratio: float = 4.0
     norm: str = "layernorm"
-    qk_norm: bool = False
-    layerscale: float | None = None
-    rope_base: float = 100.0
-    rope_bf16: bool = True
-    remat: str = "none"
-    attention: str = "xla"
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, latents, drop_rate: float = 0.0):
@@ -119,13 +117,7 @@ class PixelDecoder(nn.Module):
         p = self.patch_size
         x = dense(self.width, (None, "embed"), dtype=self.dtype, name="proj_in")(latents.astype(self.dtype))
         x = x.reshape(b, h * w, self.width)
-        rope = rope_tables(h, w, self.width // self.num_heads, self.rope_base, self.rope_bf16)
-        block = remat_block(self.remat)
-        hidden = mlp_hidden(self.mlp, self.width, self.mlp_ratio)
-        for i in range(self.depth):
-            x = block(self.num_heads, hidden, self.mlp, self.norm, None, self.qk_norm, self.layerscale,
-                      False, self.rope_bf16, self.attention, dtype=self.dtype,
-                      name=f"blocks_{i}")(x, rope, drop_rate)
+        x, _ = self.blocks(x, h, w, drop_rate)
         x = norm_layer(self.norm, name="norm", dtype=self.dtype)(x)
         x = dense(3 * p * p, ("embed", None), dtype=self.dtype, name="proj_out")(x)
         x = x.reshape(b, h, w, 3 * p * p)
@@ -181,14 +173,15 @@ class VTP(nn.Module):
     def setup(self):
         c = self.config
         dtype = _dtype(c.dtype)
-        self.trunk = Encoder(c.patch_size, c.width, c.depth, c.num_heads, c.mlp, c.mlp_ratio, c.norm, c.qk_norm,
-                             c.layerscale, c.n_registers, c.rope_base, c.rope_bf16, c.remat, c.attention, dtype)
+        shared = dict(patch_size=c.patch_size, rope_base=c.rope_base, rope_bf16=c.rope_bf16, remat=c.remat,
+                      attention=c.attention, dtype=dtype)
+        self.trunk = Encoder(c.width, c.depth, c.num_heads, mlp=c.mlp, mlp_ratio=c.mlp_ratio, norm=c.norm,
+                             qk_norm=c.qk_norm, layerscale=c.layerscale, n_registers=c.n_registers, **shared)
         self.feature_bottleneck = dense(c.latent_dim, ("embed", None), use_bias=False, dtype=dtype)
         d = c.decoder
         if d.depth:
-            self.pixel_decoder = PixelDecoder(d.width, d.depth, d.num_heads, c.patch_size, d.mlp, d.mlp_ratio, d.norm,
-                                              d.qk_norm, d.layerscale, c.rope_base, c.rope_bf16, c.remat,
-                                              c.attention, dtype)
+            self.pixel_decoder = PixelDecoder(d.width, d.depth, d.num_heads, mlp=d.mlp, mlp_ratio=d.mlp_ratio,
+                                              norm=d.norm, qk_norm=d.qk_norm, layerscale=d.layerscale, **shared)
         t = c.text
         if t.depth:
             self.text = TextTower(t.width, t.depth, t.num_heads, c.clip_dim, t.mlp_ratio, t.vocab_size,

@@ -173,13 +173,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> Trainer:
         lpips_params = jax.device_put(load_lpips_params(config.objectives.lpips_params),
                                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     step_fn = pretrain.make_train_step(config, model, tx)
-    def init_fn(rng):
-        # Init is placed by out_shardings; without rules here, flax's boxed DenseGeneral init
-        # would constrain its flat kernel with the reshaped kernel's axis names.
-        with nn.logical_axis_rules(()):
-            return nn.meta.unbox(pretrain.init_state(config, model, tx, rng))
-
-    init = jax.jit(init_fn, out_shardings=shardings)
+    init = jax.jit(lambda r: nn.meta.unbox(pretrain.init_state(config, model, tx, r)), out_shardings=shardings)
     jitted = jax.jit(step_fn, in_shardings=(shardings, None, None), out_shardings=(shardings, None), donate_argnums=0)
     return Trainer(config, mesh, model, shardings, init, jitted, lpips_params)
 
@@ -229,6 +223,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             hooks.append(periodic_actions.Profile(num_profile_steps=t.profile_steps, logdir=workdir,
                                                   first_profile=start + 3))
 
+        reconstruct = jax.jit(lambda p, x: model.apply({"params": p}, model.apply({"params": p}, x, method=VTP.encode),
+                                                       method=VTP.decode))  # compiled once, used every images_every
         metrics, compiled, flops, peak, last_t = {}, None, float("nan"), float("nan"), None
         for step in range(start, t.steps):
             batch = sharding.global_batch(next(data_iter), mesh)
@@ -256,7 +252,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         f"{int(metrics['nonfinite_in_a_row'])} non-finite steps in a row at step {done} (limit "
                         f"train.max_nonfinite={t.max_nonfinite}); last finite checkpoint: {manager.latest_step()}")
             if t.images_every and (done % t.images_every == 0 or done == t.steps) and pretrain.active(config)["rec"]:
-                _write_reconstructions(writer, workdir, done, model, state.params, batch)
+                _write_reconstructions(writer, workdir, done, reconstruct, state.params, batch)
             if preempt.reached(done, manager):
                 _save(manager, done, state, data_iter)
                 manager.wait_until_finished()
@@ -306,12 +302,15 @@ def _init_from_release(state, folder):
     return state.replace(params=params, teacher_params=pretrain.teacher_of(params))
 
 
-def _write_reconstructions(writer, workdir, step, model, params, batch):
+def _write_reconstructions(writer, workdir, step, reconstruct, params, batch):
     from vtp_jax.reconstruct import denormalize
 
-    x = jax.device_get(batch["rec_images"][:8])
-    recon = jax.device_get(jax.jit(lambda p, x: model.apply({"params": p}, x, method=lambda m, x: m.decode(m.encode(x))))(
-        params, x))
+    from jax.experimental import multihost_utils
+
+    # The global rec batch (sharded over hosts) and its reconstruction, gathered to every host.
+    x, recon = multihost_utils.process_allgather((batch["rec_images"], reconstruct(params, batch["rec_images"])),
+                                                 tiled=True)
+    x, recon = x[:8], recon[:8]
     pairs = np.stack([np.concatenate([denormalize(a), denormalize(b)], 1) for a, b in zip(x, recon)])
     writer.write_images(step, {"reconstructions": pairs})
     if jax.process_index() == 0:
