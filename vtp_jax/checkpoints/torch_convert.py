@@ -7,6 +7,12 @@ LPIPS-VGG16 needs two files:
 
     python -m vtp_jax.checkpoints.torch_convert lpips \\
         --vgg vgg16-397923af.pth --lin vgg.pth --out lpips_vgg16.msgpack
+
+The FID Inception-v3 needs pytorch-fid's port of TF's Inception graph,
+https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
+
+    python -m vtp_jax.checkpoints.torch_convert inception \\
+        --pth pt_inception-2015-12-05-6726825d.pth --out inception.msgpack
 """
 from __future__ import annotations
 
@@ -15,8 +21,9 @@ import os
 import sys
 
 import numpy as np
-from flax import serialization
+from flax import serialization, traverse_util
 
+from vtp_jax.models import inception as inception_lib
 from vtp_jax.models import lpips as lpips_lib
 
 # torchvision's vgg16().features indices of the 13 convs, in the order conv1_1 ... conv5_3.
@@ -72,6 +79,52 @@ def lpips_params_from_state_dicts(vgg_sd: dict[str, np.ndarray], lin_sd: dict[st
     return params
 
 
+# Our ConvBN leaves <- the BatchNorm2d entries of torchvision's BasicConv2d (`<name>.bn.<entry>`).
+_BN_ENTRIES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+
+
+def _inception_source(path: str, shape: tuple[int, ...]):
+    """(torch key, torch shape, torch array -> Flax array) of one Flax parameter path."""
+    *module, leaf = path.split("/")
+    name = ".".join(module)
+    if name == "fc":
+        if leaf == "kernel":
+            return "fc.weight", shape[::-1], np.transpose
+        return "fc.bias", shape, np.asarray
+    if leaf == "kernel":
+        return f"{name}.conv.weight", (shape[3], shape[2], shape[0], shape[1]), lambda w: w.transpose(2, 3, 1, 0)
+    return f"{name}.bn.{_BN_ENTRIES[leaf]}", shape, np.asarray
+
+
+def inception_params_from_state_dict(sd: dict[str, np.ndarray]):
+    """Flax FID Inception params from pytorch-fid's FID Inception-v3 state dict (NumPy arrays).
+
+    Each BasicConv2d `<name>.conv.weight` goes OIHW -> HWIO to `<name>/kernel`, its BatchNorm's
+    weight / bias / running_mean / running_var to `<name>/scale`, `bias`, `mean`, `var`; `fc.weight`
+    is transposed. BatchNorm's `num_batches_tracked` counters are ignored; every other key must be
+    used, and all missing, unexpected and mis-shaped keys are reported together.
+    """
+    problems, flat, used = [], {}, set()
+    for path, shape in inception_lib.param_shapes().items():
+        key, torch_shape, to_flax = _inception_source(path, shape)
+        used.add(key)
+        if key not in sd:
+            problems.append(f"missing {key} {torch_shape}")
+            continue
+        w = np.asarray(sd[key], np.float32)
+        if w.shape != torch_shape:
+            problems.append(f"{key}: shape {w.shape}, expected {torch_shape}")
+            continue
+        flat[tuple(path.split("/"))] = to_flax(w)
+    counters = {k.rsplit(".", 1)[0] + ".num_batches_tracked" for k in used if k.endswith(".bn.weight")}
+    problems += [f"unexpected {k}" for k in sd if k not in used and k not in counters]
+    if problems:
+        raise ValueError("cannot convert FID Inception weights: " + "; ".join(problems))
+    params = traverse_util.unflatten_dict(flat)
+    inception_lib.check_params(params, "converted FID Inception weights")
+    return params
+
+
 def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     """A .pth state dict as float32 NumPy arrays; imports torch lazily."""
     try:
@@ -88,7 +141,8 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def save_params(params, path: str) -> None:
-    """Write a params pytree as Flax msgpack (what `objectives.load_lpips_params` reads)."""
+    """Write a params pytree as Flax msgpack (what `objectives.load_lpips_params` and
+    `evals.fid.load_inception_params` read)."""
     with open(path, "wb") as f:
         f.write(serialization.msgpack_serialize(params))
 
@@ -96,6 +150,10 @@ def save_params(params, path: str) -> None:
 def convert_lpips(vgg_path: str, lin_path: str, out_path: str) -> None:
     params = lpips_params_from_state_dicts(read_torch_state_dict(vgg_path), read_torch_state_dict(lin_path))
     save_params(params, out_path)
+
+
+def convert_inception(pth_path: str, out_path: str) -> None:
+    save_params(inception_params_from_state_dict(read_torch_state_dict(pth_path)), out_path)
 
 
 def main(argv=None) -> int:
@@ -106,9 +164,15 @@ def main(argv=None) -> int:
     lp.add_argument("--vgg", required=True, help="torchvision vgg16-397923af.pth")
     lp.add_argument("--lin", required=True, help="lpips/weights/v0.1/vgg.pth from the lpips wheel")
     lp.add_argument("--out", required=True, help="output .msgpack for objectives.lpips_params")
+    inc = sub.add_parser("inception", help="pytorch-fid's FID Inception-v3 -> Flax params (msgpack)")
+    inc.add_argument("--pth", required=True, help="pt_inception-2015-12-05-6726825d.pth from pytorch-fid's releases")
+    inc.add_argument("--out", required=True, help="output .msgpack for evals.fid.load_inception_params")
     args = parser.parse_args(argv)
     try:
-        convert_lpips(args.vgg, args.lin, args.out)
+        if args.what == "lpips":
+            convert_lpips(args.vgg, args.lin, args.out)
+        else:
+            convert_inception(args.pth, args.out)
     except (OSError, ImportError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
     print(f"wrote {args.out}")

@@ -1,0 +1,1 @@
+"""Evaluation metrics for generated images (FID), computed on device and reduced on the host."""
