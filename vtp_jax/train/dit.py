@@ -1,0 +1,222 @@
+"""Job `dit`: a class-conditional LightningDiT trained by rectified flow on cached tokenizer latents.
+
+    python -m vtp_jax.main --config=configs/dit_demo.py --workdir=W
+
+The job brings its state (params, the EMA pytree, AdamW), the flow step, the latent pipeline
+(`vtp_jax.data.latents`; when `dit.latents` is empty it first extracts `latents` into W/latents)
+and a hook that writes class-conditional sample grids (W/samples/<step>.png, TensorBoard). Its
+evaluators (`type='generation'`: gFID / IS) score the EMA params through the same `Generator`.
+
+The step (LightningDiT / VTP recipe): latents normalized per channel, one of the unflipped and
+flipped latents drawn per sample, t ~ logit-normal(mu, sigma), x_t = t x1 + (1 - t) x0 with t = 0
+noise, the velocity target x1 - x0, MSE + the channel-wise cosine term, labels dropped to the null
+class with `class_dropout_prob` (CFG), AdamW, EMA every step.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from vtp_jax import objectives, sampling
+from vtp_jax.models import dit as dit_lib
+from vtp_jax.train import optim, runner
+
+
+@flax.struct.dataclass
+class DiTState:
+    step: jax.Array
+    params: Any
+    ema_params: Any  # EMA of params, its own pytree: what is sampled and evaluated
+    opt_state: Any
+    rng: jax.Array
+
+
+def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes: int = 1) -> list[str]:
+    c, errs = config.dit, []
+    if c.size not in dit_lib.DIT_SIZES:
+        errs.append(f"dit.size={c.size!r}: expected one of {sorted(dit_lib.DIT_SIZES)}")
+    if c.sample.method not in ("euler", "heun", "dopri5"):
+        errs.append(f"dit.sample.method={c.sample.method!r}: expected 'euler', 'heun' or 'dopri5'")
+    if c.sample.num_steps < 2:
+        errs.append(f"dit.sample.num_steps={c.sample.num_steps}: grid points, at least 2")
+    if c.batch_size % n_batch_shards or c.batch_size % n_processes:
+        errs.append(f"dit.batch_size={c.batch_size} is not divisible by the {n_batch_shards} batch shards of the "
+                    f"mesh and the {n_processes} processes")
+    if not c.latents and not config.latents.tokenizer:
+        errs.append("dit.latents is empty and so is latents.tokenizer: give extracted latents or a tokenizer to "
+                    "extract them with")
+    if c.latents and not os.path.isfile(os.path.join(c.latents, "meta.json")):
+        errs.append(f"dit.latents={c.latents}: no meta.json there (not a finished latent extraction)")
+    return errs
+
+
+def model_from(config: ml_collections.ConfigDict, meta: dict) -> dit_lib.LightningDiT:
+    c = config.dit
+    depth, width, heads = dit_lib.DIT_SIZES[c.size]
+    h, _, channels = meta["shape"]
+    return dit_lib.LightningDiT(
+        input_size=h, patch_size=c.patch_size, in_channels=channels, hidden_size=width, depth=depth,
+        num_heads=heads, mlp_ratio=c.mlp_ratio, num_classes=meta["num_classes"],
+        class_dropout_prob=c.class_dropout_prob, qk_norm=c.qk_norm, use_rope=c.use_rope, remat=c.remat,
+        scan_layers=c.scan_layers,
+        dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[c.dtype])
+
+
+class Generator:
+    """Class labels -> images in [0, 1]: the ODE sampler on the DiT (optionally guided), the
+    inverse latent normalization, the tokenizer's pixel decoder. The sample hook and the gFID
+    evaluator share it. `images(dit_params, noise, labels)` is jitted once per batch shape."""
+
+    def __init__(self, model: dit_lib.LightningDiT, sample: ml_collections.ConfigDict, mean, std, multiplier: float,
+                 tokenizer_model, tokenizer_params):
+        from vtp_jax.models.vtp import IMAGENET_MEAN, IMAGENET_STD, VTP
+
+        self.model, self.num_classes = model, model.num_classes
+        self.latent_shape = (model.input_size, model.input_size, model.in_channels)
+        self.mean, self.std, self.multiplier = mean, std, multiplier  # the latent normalization
+        self.tokenizer_params = tokenizer_params
+        channels = model.in_channels
+
+        def images(dit_params, tok_params, noise, labels):
+            v = lambda x, t, y: model.apply({"params": dit_params}, x, t, y)[..., :channels]  # noqa: E731
+            field = lambda x, t: sampling.guided_velocity(  # noqa: E731
+                v, x, t, labels, model.num_classes, sample.cfg_scale, sample.cfg_interval_start)
+            z = sampling.ode_sample(field, noise, sample.num_steps, sample.method, sample.shift)
+            z = z / multiplier * std + mean
+            pixels = tokenizer_model.apply({"params": tok_params}, z, method=VTP.decode)
+            return jnp.clip(pixels * jnp.array(IMAGENET_STD) + jnp.array(IMAGENET_MEAN), 0.0, 1.0)
+
+        self._images = jax.jit(images)
+
+    def images(self, dit_params, noise, labels):
+        return self._images(dit_params, self.tokenizer_params, noise, labels)
+
+
+def load_generator_parts(config, meta, mesh):
+    """(latent mean, std, tokenizer module, replicated tokenizer params) for decoding samples."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from vtp_jax.data import latents as latents_lib
+    from vtp_jax.models.vtp import VTP
+    from vtp_jax.train import evaluate
+
+    folder = config.dit.latents
+    mean, std = latents_lib.load_stats(folder)
+    tok_cfg, tok_params = evaluate.load_tokenizer(config.dit.tokenizer or meta["tokenizer"])
+    replicated = NamedSharding(mesh, P())
+    decoder = {"pixel_decoder": tok_params["pixel_decoder"]}  # all that decoding reads
+    return (jax.device_put(jnp.asarray(mean), replicated), jax.device_put(jnp.asarray(std), replicated), VTP(tok_cfg),
+            jax.device_put(decoder, replicated))
+
+
+def make_train_step(config, model: dit_lib.LightningDiT, tx):
+    c = config.dit
+    channels = model.in_channels
+
+    def step(state: DiTState, batch: dict, consts):
+        mean, std = consts
+        rng = jax.random.fold_in(state.rng, state.step)
+        r_flip, r_t, r_noise, r_drop = jax.random.split(rng, 4)
+        b = batch["label"].shape[0]
+        flip = jax.random.bernoulli(r_flip, 0.5, (b, 1, 1, 1))
+        z = jnp.where(flip, batch["latent_flip"], batch["latent"])
+        x1 = (z - mean) / std * c.latent_multiplier
+        t = objectives.sample_logit_normal_t(r_t, (b,), c.t_mu, c.t_sigma)
+        x0 = jax.random.normal(r_noise, x1.shape, x1.dtype)
+
+        def loss_fn(params):
+            v = model.apply({"params": params}, objectives.interpolate(x0, x1, t), t, batch["label"], train=True,
+                            rngs={"label_dropout": r_drop})
+            return objectives.flow_loss(v[..., :channels], x0, x1).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ok = jnp.isfinite(loss) & opt_state.last_finite
+        keep = lambda new, old: jax.tree.map(lambda a, o: jnp.where(ok, a, o), new, old)  # noqa: E731
+        params = keep(params, state.params)
+        ema = keep(optax.incremental_update(params, state.ema_params, 1.0 - c.ema_decay), state.ema_params)
+        metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), lr=optim.current_lr(opt_state),
+                       nonfinite_in_a_row=opt_state.notfinite_count, nonfinite_total=opt_state.total_notfinite)
+        return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
+
+    return step
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """Before the runner builds the job: with dit.latents empty, extracts config.latents into
+    workdir/latents (resumable; skipped when complete) and points dit.latents at it."""
+    if config.dit.latents:
+        return config
+    from vtp_jax.data import latents as latents_lib
+
+    folder = latents_lib.extract(config, os.path.join(workdir, "latents"))
+    config = config.copy_and_resolve_references()
+    config.dit.latents = folder
+    return config
+
+
+def make_job(config: ml_collections.ConfigDict, mesh) -> runner.Job:
+    from vtp_jax.data import latents as latents_lib
+
+    meta = latents_lib.read_meta(config.dit.latents)
+    if not meta["num_classes"]:
+        raise runner.ConfigError(f"{config.dit.latents}/meta.json does not say how many classes the labels have")
+    model = model_from(config, meta)
+    abstract = nn.meta.unbox(jax.eval_shape(lambda: _init_boxed(model, jax.random.key(0))))
+    tx = optim.make_optimizer(config.optim, abstract, config.train.steps, depth=0)
+    mean, std, tok_model, tok_params = load_generator_parts(config, meta, mesh)
+    generator = Generator(model, config.dit.sample, mean, std, config.dit.latent_multiplier, tok_model, tok_params)
+
+    def data():
+        return latents_lib.make_train_iterator(config.dit.latents, batch_size=config.dit.batch_size,
+                                               seed=config.seed, process_index=jax.process_index(),
+                                               process_count=jax.process_count())
+
+    s = config.dit.sample
+
+    def write_samples(step, state, batch, writer, workdir):
+        del batch
+        labels = np.repeat(np.arange(s.classes) * max(model.num_classes // s.classes, 1) % model.num_classes,
+                           s.per_class).astype(np.int32)
+        noise = jax.random.normal(jax.random.key(config.seed), (len(labels), *generator.latent_shape))
+        images = np.asarray(jax.device_get(generator.images(state.ema_params, noise, jnp.asarray(labels))))
+        grid = (images.reshape(s.classes, s.per_class, *images.shape[1:]).transpose(0, 2, 1, 3, 4)
+                .reshape(s.classes * images.shape[1], s.per_class * images.shape[2], 3))
+        grid = (grid * 255).astype(np.uint8)
+        writer.write_images(step, {"samples": grid[None]})
+        if jax.process_index() == 0:
+            from PIL import Image
+
+            os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+            Image.fromarray(grid).save(os.path.join(workdir, "samples", f"{step:07d}.png"))
+
+    return runner.Job(config=config, init=lambda rng: init_state(model, tx, rng), step=make_train_step(config, model, tx),
+                      data=data,
+                      consts=(mean, std), hooks=[runner.Hook(s.every, write_samples)], eval_target=generator,
+                      eval_params=lambda state: state.ema_params, model=model)
+
+
+def init_state(model: dit_lib.LightningDiT, tx, rng) -> DiTState:
+    """Boxed (logically annotated) state; the EMA starts as the params."""
+    init_rng, rng = jax.random.split(rng)
+    params = _init_boxed(model, init_rng)
+    return DiTState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                    opt_state=tx.init(nn.meta.unbox(params)), rng=rng)
+
+
+def _init_boxed(model: dit_lib.LightningDiT, rng):
+    """Boxed params (logical axes kept for the runner's sharding) with LightningDiT's init."""
+    init_rng, xavier_rng = jax.random.split(rng)
+    x = jnp.zeros((1, model.input_size, model.input_size, model.in_channels), jnp.float32)
+    params = model.init(init_rng, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))["params"]
+    return dit_lib.official_init(params, xavier_rng)
