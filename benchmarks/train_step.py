@@ -1,12 +1,13 @@
 """Train-step throughput and MFU per model size, and per-device state memory vs fsdp.
 
   python benchmarks/train_step.py --sizes demo vtp_s --batch 8 --steps 3
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/train_step.py --memory vtp_l
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/train_step.py --sizes --memory vtp_l --meshes 1,8,1 1,4,2
 
 MFU = XLA cost-analysis FLOPs of the compiled step / (step time x peak), the peak being the
-device table in vtp_jax.train.loop or, on CPU, a float32 matmul measured in the same run.
---memory compiles (never runs) the step with the real shapes at a small batch on every fsdp size
-and reports compiled per-device memory of params + optimizer state + temporaries.
+device table in vtp_jax.train.runner or, on CPU, a float32 matmul measured in the same run.
+--memory reports the per-device train state on every fsdp size and compiles (never runs) the step
+with the real shapes at a small batch on each --meshes (data,fsdp,tensor) mesh, reporting the
+compiled per-device arguments + temporaries.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 
 from common import load_config, record
-from vtp_jax.train import loop, pretrain, sharding
+from vtp_jax.train import pretrain, runner, sharding
 
 
 def shaped(name: str, batch: int, image: int | None):
@@ -37,20 +38,20 @@ def throughput(name, batch, steps, image, dtype):
     c.model.dtype = dtype
     n = sharding.batch_size_of(sharding.make_mesh(c.train.mesh))
     c.data.batch_ssl, c.data.batch_rec = max(c.data.batch_ssl, n), max(c.data.batch_rec, n)
-    tr = loop.build(c)
-    with loop.scope(tr):
+    tr = runner.build(c)
+    with runner.scope(tr):
         state = tr.init(jax.random.key(0))
         batch_arrays = sharding.global_batch(pretrain.synthetic_batch(tr.config), tr.mesh)
-        compiled = tr.step.lower(state, batch_arrays, tr.lpips_params).compile()
-        flops = loop.compiled_flops(compiled) * jax.device_count()
-        state, m = compiled(state, batch_arrays, tr.lpips_params)
+        compiled = tr.step.lower(state, batch_arrays, tr.consts).compile()
+        flops = runner.compiled_flops(compiled) * jax.device_count()
+        state, m = compiled(state, batch_arrays, tr.consts)
         jax.block_until_ready(m)
         t = time.perf_counter()
         for _ in range(steps):
-            state, m = compiled(state, batch_arrays, tr.lpips_params)
+            state, m = compiled(state, batch_arrays, tr.consts)
         jax.block_until_ready(m)
         dt = (time.perf_counter() - t) / steps
-    peak = loop.peak_flops(jax.devices())
+    peak = runner.peak_flops(jax.devices())
     data_dt = pipeline_seconds_per_batch(tr.config, steps)
     return (f"{name} ({dtype}, {c.data.image_size}px, B_clip/ssl/rec {c.data.batch_clip}/{c.data.batch_ssl}/"
             f"{c.data.batch_rec}): {batch / dt:.2f} img/s, {dt * 1e3:.0f} ms/step, {flops / 1e9:.1f} GFLOP/step, "
@@ -94,33 +95,40 @@ def encode_decode(name, batch, image):
     return f"{name} at {image}px, batch {batch}: " + ", ".join(out)
 
 
-def memory(name, batch, image, compile_fsdp=8):
+def memory(name, batch, image, compile_meshes=((1, 8, 1),)):
     """Per-device bytes of the train state (params + teacher + AdamW) for each fsdp size, from
-    the shardings (no allocation); the step itself is compiled once, at fsdp=compile_fsdp."""
+    the shardings (no allocation); the step itself is compiled (never run) on each mesh of
+    `compile_meshes` (data, fsdp, tensor), with scanned block stacks so that VTP-L compiles in
+    minutes rather than the unrolled ~15."""
+    def trainer(mesh_shape):
+        c = shaped(name, 8 * batch * jax.device_count(), image)  # B_rec = one image per device
+        c.model.dtype, c.model.remat, c.model.scan_layers = "bfloat16", "full", True
+        return c, runner.build(c, sharding.make_mesh(mesh_shape))
+
     lines = []
     for fsdp in (1, 2, 4, 8):
         if jax.device_count() % fsdp:
             continue
-        c = shaped(name, 8 * batch * jax.device_count(), image)  # B_rec = one image per device
-        c.model.dtype, c.model.remat = "bfloat16", "full"
-        tr = loop.build(c, sharding.make_mesh((-1, fsdp, 1)))
-        with loop.scope(tr):
+        _, tr = trainer((-1, fsdp, 1))
+        with runner.scope(tr):
             state = jax.eval_shape(tr.init, jax.random.key(0))
         state_bytes = sum(np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
                           for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(tr.shardings)))
-        line = (f"{name} mesh (data={jax.device_count() // fsdp}, fsdp={fsdp}): state (params + teacher + AdamW) "
-                f"{state_bytes / 2**30:.2f} GiB/device")
-        if fsdp == compile_fsdp:
-            spec = pretrain.batch_spec(tr.config)
-            batch_sds = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(
-                tr.mesh, len(v.shape), sharding.batch_axis(k))) for k, v in spec.items()}
-            t = time.perf_counter()
-            with loop.scope(tr):
-                mem = tr.step.lower(state, batch_sds, tr.lpips_params).compile().memory_analysis()
-            line += (f"; compiled step (B_clip {c.data.batch_clip}, bf16, remat full): arguments "
-                     f"{mem.argument_size_in_bytes / 2**30:.2f} GiB + temporaries {mem.temp_size_in_bytes / 2**30:.2f} "
-                     f"GiB per device (compile {time.perf_counter() - t:.0f} s)")
-        lines.append(line)
+        lines.append(f"{name} mesh (data={jax.device_count() // fsdp}, fsdp={fsdp}): state (params + teacher + "
+                     f"AdamW) {state_bytes / 2**30:.2f} GiB/device")
+    for shape in compile_meshes:
+        c, tr = trainer(shape)
+        spec = pretrain.batch_spec(tr.config)
+        batch_sds = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(tr.mesh, len(v.shape)))
+                     for k, v in spec.items()}
+        t = time.perf_counter()
+        with runner.scope(tr):
+            state = jax.eval_shape(tr.init, jax.random.key(0))
+            mem = tr.step.lower(state, batch_sds, tr.consts).compile().memory_analysis()
+        lines.append(f"{name} compiled step on mesh (data, fsdp, tensor) = {tuple(shape)} (B_clip / ssl / rec "
+                     f"{c.data.batch_clip} / {c.data.batch_ssl} / {c.data.batch_rec}, bf16, remat full, scanned): "
+                     f"arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB + temporaries "
+                     f"{mem.temp_size_in_bytes / 2**30:.2f} GiB per device (compile {time.perf_counter() - t:.0f} s)")
     return lines
 
 
@@ -131,12 +139,13 @@ def main():
     ap.add_argument("--image", type=int, default=0, help="override the config's image size")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--memory", nargs="*", default=[], help="sizes to compile-only on every fsdp size")
+    ap.add_argument("--memory", nargs="*", default=[], help="sizes for per-device memory (state, compiled step)")
+    ap.add_argument("--meshes", nargs="*", default=["1,8,1"], help="(data,fsdp,tensor) meshes --memory compiles on")
     ap.add_argument("--encode", nargs="*", default=[], help="sizes for encode / decode throughput")
     args = ap.parse_args()
     lines = [throughput(s, args.batch, args.steps, args.image, args.dtype) for s in args.sizes]
     for s in args.memory:
-        lines += memory(s, 1, args.image)
+        lines += memory(s, 1, args.image, [tuple(map(int, m.split(","))) for m in args.meshes])
     lines += [encode_decode(s, 2, args.image or 256) for s in args.encode]
     record("Train step", lines)
 

@@ -21,11 +21,34 @@ def get_config():
     d.local_crops_size, d.local_crops_number = 32, 4
     d.batch_clip, d.batch_ssl, d.batch_rec = 32, 8, 8
     d.read_threads = 2
+    # Why DINO / iBOT learn here (benchmarks/RESULTS.md, "SSL at demo scale"): self-distillation
+    # only learns what the student can predict of the teacher's target from ANOTHER view. With
+    # DINOv2's augmentations on 64 px scenes of one or two small objects, a crop often misses the
+    # object and colour jitter / grayscale / solarization erase its colour, so the two views share
+    # almost nothing: the student's best answer is the batch-average target, the EMA teacher
+    # inherits it and the head drifts to the uniform distribution (l_dino -> log K by step
+    # ~150 in every recipe tried). Crops that keep most of the scene and its colours make the
+    # targets predictable; DINOv2's ImageNet images survive the strong augmentations, ours do not.
+    d.global_crops_scale, d.local_crops_scale = (0.7, 1.0), (0.3, 0.7)
+    d.color_jitter_probability = d.grayscale_probability = d.solarize_probability = 0.0
 
     o = c.objectives
     o.lpips_weight = 0.0  # LPIPS needs VGG weight files (see README); the demo runs without them
     o.l_rec = 1.0  # paper: 0.1; raised so that 300 CPU steps already show reconstructions
-    o.warmup_teacher_temp_steps = 100
+    # The EMA teacher must follow the student on the time scale of the run. DINOv2's momentum
+    # (0.992 -> 1, a time constant 1 / (1 - m) of 125+ steps) is 0.1% of its 125k-step runs but
+    # most of a 300-step demo: the teacher stays at its initialization. 10 steps rising to 100.
+    o.teacher_momentum, o.teacher_momentum_end = 0.9, 0.99
+    # At initialization the cls tokens of all images are nearly parallel (cosine ~0.985), so the
+    # head's outputs differ little between images. Three settings keep the teacher's targets
+    # image-specific and sharp from the first step at 16 teacher rows per step: BatchNorm in the
+    # head's MLP (DINO's use_bn) removes what all images share; the center is the previous
+    # batch's mean (momentum 0: DINO's own ablation shows it works), which follows a teacher
+    # that moves every step; and a teacher temperature of 0.02 turns the small differences into
+    # peaked targets (at 0.04 -> 0.07 the targets drift to uniform as the temperature rises).
+    m.head.use_bn = True
+    o.center_momentum = 0.0
+    o.warmup_teacher_temp = o.teacher_temp = 0.02
 
     opt = c.optim
     opt.lr, opt.warmup_steps = 1e-3, 50

@@ -15,3 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # of the trainer) compile once per CI run.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/vtp_jax_test_cache")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: one of the few tests that take minutes (deselect with -m 'not slow')")

@@ -133,15 +133,15 @@ def test_sub_batches_are_drawn_from_the_clip_batch_per_step():
         clip = ids(b["clip_images"])
         assert list(clip) == list(range(8 * step, 8 * step + 8))  # shuffle off: records in order
         assert np.array_equal(b["tokens"], tokenize([f"item {i}" for i in clip], 16))
-        ssl = ids(b["ssl_global"][0])
-        assert np.array_equal(ssl, ids(b["ssl_global"][1])) and np.array_equal(ssl, ids(b["ssl_local"][0]))
+        ssl = ids(b["ssl_global"][:, 0])
+        assert np.array_equal(ssl, ids(b["ssl_global"][:, 1])) and np.array_equal(ssl, ids(b["ssl_local"][:, 0]))
         rec = ids(b["rec_images"])
         for sub in (ssl, rec):
             assert len(set(sub)) == len(sub) and set(sub) <= set(clip)
         choices.append(tuple(ssl - 8 * step))
     assert len(set(choices)) > 1  # a fresh draw each step
     again = pipeline.make_train_iterator(c, seed=5, process_index=0, process_count=1, source=src)
-    assert [tuple(ids(next(again)["ssl_global"][0]) - 8 * s) for s in range(4)] == choices  # seeded
+    assert [tuple(ids(next(again)["ssl_global"][:, 0]) - 8 * s) for s in range(4)] == choices  # seeded
 
 
 def test_views_only_computes_what_is_asked():

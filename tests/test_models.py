@@ -273,9 +273,19 @@ def test_clip_text_pools_eot_and_is_causal(tiny):
 
 
 def test_logit_scale_init_is_openclip():
-    # Checked on the defaults: a real init costs a long XLA compile here.
+    """The initialized parameter, not the constant: OpenCLIP's log(1/0.07) in float32, and VTP
+    initializes it from the config's init_logit_scale (not from TextTower's own default)."""
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    tower = TextTower(width=16, depth=1, num_heads=2, out_dim=8, vocab_size=32, context_length=4)
+    scale = jax.jit(tower.init)(jax.random.key(0), tokens)["params"]["logit_scale"].value
+    assert scale.shape == () and scale.dtype == jnp.float32
+    assert scale == np.float32(np.log(1 / 0.07))
     assert model_config().init_logit_scale == pytest.approx(np.log(1 / 0.07), rel=1e-12)
-    assert TextTower.init_logit_scale == pytest.approx(np.log(1 / 0.07), rel=1e-12)
+    # A release config.json may set another value: it must reach the parameter.
+    c = tiny_config(init_logit_scale=float(np.log(1 / 0.05)))
+    c.text.width, c.text.context_length, c.clip_dim = 16, 4, 8
+    init = jax.jit(functools.partial(VTP(c).init, method=VTP.clip_text))
+    assert init(jax.random.key(0), tokens)["params"]["text"]["logit_scale"].value == np.float32(np.log(1 / 0.05))
 
 
 def test_text_longer_than_context_is_rejected():
@@ -305,6 +315,29 @@ def test_dino_head_matches_numpy(tiny):
     # Weight norm with its gain fixed at 1: rescaling a prototype column changes nothing.
     scaled = dict(p, prototypes=p["prototypes"] * np.linspace(0.5, 4, K)[None, :])
     np.testing.assert_allclose(head(scaled), out, rtol=1e-5, atol=1e-6)
+
+
+def test_dino_head_batch_norm_matches_numpy_over_valid_rows():
+    """use_bn (DINO's option): each hidden unit normalised over the rows of the call with biased
+    batch statistics; rows marked invalid (gathered iBOT padding) neither enter the statistics
+    nor change the valid rows' outputs."""
+    rng = np.random.default_rng(5)
+    head = DINOHead(prototypes=16, hidden_dim=8, bottleneck_dim=4, n_layers=2, use_bn=True)
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    shapes = jax.eval_shape(head.init, jax.random.key(0), jnp.asarray(x))["params"]
+    p = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32),
+                     nn.meta.unbox(shapes))
+    valid = np.array([1, 1, 1, 1, 0, 0], bool)
+    padded = np.where(valid[:, None], x, 0.0).astype(np.float32)
+    out = np.asarray(head.apply({"params": p}, jnp.asarray(padded), jnp.asarray(valid)))
+    gelu = lambda a: 0.5 * a * (1 + erf(a / np.sqrt(2)))  # noqa: E731
+    h = x[:4] @ p["mlp_0"]["kernel"] + p["mlp_0"]["bias"]
+    h = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * p["bn_0_scale"] + p["bn_0_bias"]
+    z = l2n(gelu(h) @ p["mlp_1"]["kernel"] + p["mlp_1"]["bias"])
+    v = p["prototypes"] / np.linalg.norm(p["prototypes"], axis=0, keepdims=True)
+    np.testing.assert_allclose(out[:4], z @ v, rtol=1e-4, atol=1e-5)
+    # Without `valid` all six rows (padding included) are statistics: the valid rows change.
+    assert np.abs(np.asarray(head.apply({"params": p}, jnp.asarray(padded)))[:4] - out[:4]).max() > 1e-3
 
 
 def test_pixel_shuffle_layout():

@@ -11,7 +11,7 @@ import numpy as np
 
 import tiny
 from vtp_jax.data import pipeline
-from vtp_jax.train import loop, pretrain, sharding
+from vtp_jax.train import pretrain, runner, sharding
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 3
@@ -19,17 +19,17 @@ STEPS = 3
 
 def reference(config, n_processes=2):
     """One process, 4 devices, each global batch = the processes' local batches concatenated."""
-    tr = loop.build(config, sharding.make_mesh((4, 1, 1)))
+    tr = runner.build(config, sharding.make_mesh((4, 1, 1)))
     views = [k for k, on in pretrain.active(config).items() if on]
     iters = [pipeline.make_train_iterator(tr.config.data, seed=config.seed, process_index=i,
                                           process_count=n_processes, views=views) for i in range(n_processes)]
     losses = []
-    with loop.scope(tr):
+    with runner.scope(tr):
         state = tr.init(jax.random.key(config.seed))
         for _ in range(STEPS):
             parts = [next(it) for it in iters]
-            batch = {k: np.concatenate([p[k] for p in parts], axis=sharding.batch_axis(k)) for k in parts[0]}
-            state, m = tr.step(state, sharding.global_batch(batch, tr.mesh), tr.lpips_params)
+            batch = {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+            state, m = tr.step(state, sharding.global_batch(batch, tr.mesh), tr.consts)
             losses.append(float(m["loss"]))
     return jax.device_get(state.params), losses
 

@@ -12,6 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
+from scipy.special import erf
 
 import vtp_jax
 from vtp_jax.checkpoints.released import CheckpointError
@@ -44,8 +45,9 @@ def _periods(head_dim):
     return (np.array(100.0, bf) ** e.astype(bf)).astype(bf).astype(np.float32)
 
 
-def release_tensors(seed=0):
-    """Every tensor of a tiny release checkpoint, in PyTorch layout, random values."""
+def release_tensors(seed=0, depth=DEPTH):
+    """Every tensor of a tiny release checkpoint (trunk of `depth` blocks), in PyTorch layout,
+    random values."""
     rng = np.random.default_rng(seed)
     t = {}
 
@@ -70,7 +72,7 @@ def release_tensors(seed=0):
     add("trunk.cls_token", 1, 1, D, scale=1.0)
     add("trunk.mask_token", 1, D)
     t["trunk.rope_embed.periods"] = _periods(D // HEADS)
-    for i in range(DEPTH):
+    for i in range(depth):
         block(f"trunk.blocks.{i}", D, SWIGLU, False)
     t["trunk.norm.weight"] = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)
     add("trunk.feature_bottleneck.weight", LATENT, D)
@@ -137,6 +139,20 @@ def ln(x, w, b, eps):
     return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
 
 
+def gelu(x):
+    """Exact (erf) GELU, torch.nn.GELU's default."""
+    return 0.5 * x * (1 + erf(x / np.sqrt(2)))
+
+
+def norm(t, name, kind):
+    """The checkpoint's norm `name`: RMSNorm (eps 1e-5, the released trunk) or LayerNorm (eps
+    1e-6, the released decoder's; see test_any_release_config_qk_norm_layerscale_gelu for a
+    LayerNorm trunk)."""
+    if kind == "rmsnorm":
+        return lambda v: rms(v, t[f"{name}.weight"])
+    return lambda v: ln(v, t[f"{name}.weight"], t[f"{name}.bias"], 1e-6)
+
+
 def rope_angles(h, w, head_dim):
     coords = np.stack(np.meshgrid((np.arange(h) + 0.5) / h * 2 - 1, (np.arange(w) + 0.5) / w * 2 - 1,
                                   indexing="ij"), -1).reshape(h * w, 2)
@@ -151,10 +167,13 @@ def rotate(x, angles):
     return np.concatenate([z.real, z.imag], -1)
 
 
-def attention(x, wqkv, bqkv, wo, bo, heads, angles=None, causal=False):
+def attention(x, wqkv, bqkv, wo, bo, heads, angles=None, causal=False, qk_norm=None):
+    """`qk_norm`: (q weight, k weight), an RMSNorm over head_dim of q and k before RoPE."""
     n, width = x.shape[-2:]
     qkv = (x @ wqkv.T + bqkv).reshape(*x.shape[:-1], 3, heads, width // heads)
     q, k, v = (np.moveaxis(qkv[..., i, :, :], -2, -3) for i in range(3))  # (B, heads, N, dh)
+    if qk_norm is not None:
+        q, k = rms(q, qk_norm[0]), rms(k, qk_norm[1])
     if angles is not None:
         r = angles.shape[0]
         q = np.concatenate([q[..., :n - r, :], rotate(q[..., n - r:, :], angles)], -2)
@@ -168,35 +187,46 @@ def attention(x, wqkv, bqkv, wo, bo, heads, angles=None, causal=False):
     return o @ wo.T + bo
 
 
-def vit_block(x, t, pre, heads, angles, norm):
+def vit_block(x, t, pre, heads, angles, norm_kind, mlp="swiglu", qk_norm=False, layerscale=False):
+    """x + ls1 * attn(norm1 x); x + ls2 * mlp(norm2 x); the gammas only with `layerscale`, the
+    QK RMSNorm only with `qk_norm`; mlp: SwiGLU w3(silu(w1 x) * w2 x) or GELU fc2(gelu(fc1 x))."""
     g = lambda n: t[f"{pre}.{n}"]  # noqa: E731
-    x = x + attention(norm(x, "norm1"), g("attn.qkv.weight"), g("attn.qkv.bias"), g("attn.proj.weight"),
-                      g("attn.proj.bias"), heads, angles)
-    y = norm(x, "norm2")
+    gamma = (lambda n: g(f"{n}.gamma")) if layerscale else (lambda n: 1.0)  # noqa: E731
+    qk = (g("attn.q_norm.weight"), g("attn.k_norm.weight")) if qk_norm else None
+    x = x + gamma("ls1") * attention(norm(t, f"{pre}.norm1", norm_kind)(x), g("attn.qkv.weight"),
+                                     g("attn.qkv.bias"), g("attn.proj.weight"), g("attn.proj.bias"), heads,
+                                     angles, qk_norm=qk)
+    y = norm(t, f"{pre}.norm2", norm_kind)(x)
     lin = lambda n, v: v @ g(f"mlp.{n}.weight").T + g(f"mlp.{n}.bias")  # noqa: E731
-    h1 = lin("w1", y)
-    return x + lin("w3", h1 / (1 + np.exp(-h1)) * lin("w2", y))
+    if mlp == "swiglu":
+        h1 = lin("w1", y)
+        return x + gamma("ls2") * lin("w3", h1 / (1 + np.exp(-h1)) * lin("w2", y))
+    return x + gamma("ls2") * lin("fc2", gelu(lin("fc1", y)))
 
 
-def np_trunk(t, images):
+def np_trunk(t, images, depth=DEPTH, norm_kind="rmsnorm", **block):
+    """[(cls (B, D), patches (B, h, w, D))] after each block, through the FINAL norm (the
+    release's get_intermediate_layers(norm=True)); the last pair is the trunk's output.
+    `block`: vit_block's variant options (mlp, qk_norm, layerscale)."""
     b, hh, ww, _ = images.shape
     h, w = hh // P, ww // P
     patches = images.reshape(b, h, P, w, P, 3)
     x = np.einsum("byixjc,dcij->byxd", patches, t["trunk.patch_embed.proj.weight"]) + t["trunk.patch_embed.proj.bias"]
     x = np.concatenate([np.broadcast_to(t["trunk.cls_token"], (b, 1, D)), x.reshape(b, h * w, D)], 1)
-    norm = lambda v, n: rms(v, t[f"trunk.blocks.0.{n}.weight"])  # noqa: E731
-    x = vit_block(x, t, "trunk.blocks.0", HEADS, rope_angles(h, w, D // HEADS), norm)
-    x = rms(x, t["trunk.norm.weight"])
-    return x[:, 0], x[:, 1:].reshape(b, h, w, D)
+    final_norm = norm(t, "trunk.norm", norm_kind)
+    outputs = []
+    for i in range(depth):
+        x = vit_block(x, t, f"trunk.blocks.{i}", HEADS, rope_angles(h, w, D // HEADS), norm_kind, **block)
+        y = final_norm(x)
+        outputs.append((y[:, 0], y[:, 1:].reshape(b, h, w, D)))
+    return outputs
 
 
 def np_decoder(t, latents):
     b, h, w, _ = latents.shape
     x = latents.reshape(b, h * w, LATENT) @ t["pixel_decoder.proj_in.weight"][:, :, 0, 0].T + t["pixel_decoder.proj_in.bias"]
-    pre = "pixel_decoder.blocks.0"
-    norm = lambda v, n: ln(v, t[f"{pre}.{n}.weight"], t[f"{pre}.{n}.bias"], 1e-6)  # noqa: E731
-    x = vit_block(x, t, pre, DHEADS, rope_angles(h, w, DD // DHEADS), norm)
-    x = ln(x, t["pixel_decoder.norm.weight"], t["pixel_decoder.norm.bias"], 1e-6)
+    x = vit_block(x, t, "pixel_decoder.blocks.0", DHEADS, rope_angles(h, w, DD // DHEADS), "layernorm")
+    x = norm(t, "pixel_decoder.norm", "layernorm")(x)
     x = x @ t["pixel_decoder.proj_out.weight"][:, :, 0, 0].T + t["pixel_decoder.proj_out.bias"]
     out = np.zeros((b, h * P, w * P, 3))
     x = x.reshape(b, h, w, 3 * P * P)
@@ -215,9 +245,7 @@ def np_text(t, tokens):
                       g("attn.in_proj_bias"), g("attn.out_proj.weight"), g("attn.out_proj.bias"), THEADS,
                       causal=True)
     y = ln(x, g("ln_2.weight"), g("ln_2.bias"), 1e-5) @ g("mlp.c_fc.weight").T + g("mlp.c_fc.bias")
-    from scipy.special import erf
-    y = 0.5 * y * (1 + erf(y / np.sqrt(2)))
-    x = x + y @ g("mlp.c_proj.weight").T + g("mlp.c_proj.bias")
+    x = x + gelu(y) @ g("mlp.c_proj.weight").T + g("mlp.c_proj.bias")
     x = ln(x, t["ln_final.weight"], t["ln_final.bias"], 1e-5)
     pooled = x[np.arange(len(tokens)), tokens.argmax(-1)]
     e = pooled @ t["text_projection"]
@@ -253,7 +281,7 @@ def test_import_matches_numpy_forward(release, hw):
     assert pre.config.rope_bf16, "released checkpoints rotate q/k in bfloat16"
     exact = _f32_rope(pre)
     images = np.random.default_rng(1).standard_normal((2, *hw, 3)).astype(np.float32)
-    cls, patches = np_trunk(t, images.astype(np.float64))
+    cls, patches = np_trunk(t, images.astype(np.float64))[-1]
     latents = patches @ t["trunk.feature_bottleneck.weight"].T
     close(exact.encode(images), latents, 1e-5)
     emb = cls @ t["visual_proj.weight"].T
@@ -282,38 +310,57 @@ def test_bfloat16_checkpoint(tmp_path):
     assert pre.params["trunk"]["patch_embed"]["kernel"].dtype == np.float32
 
 
-def test_features_intermediate_layers(release):
-    pre = vtp_jax.load_pretrained(release[0])
-    f = pre.features(np.zeros((1, 16, 24, 3), np.float32), layers=[0])
-    assert f["cls"].shape == (1, D) and f["patches"].shape == (1, 2, 3, D)
-    assert len(f["intermediates"]) == 1 and f["intermediates"][0].shape == (1, 2, 3, D)
-    # With one block, the last intermediate output is the final normed output.
-    np.testing.assert_allclose(f["intermediates"][0], f["patches"], rtol=1e-6)
+def test_features_intermediate_layers(tmp_path):
+    """A 3-block trunk: each requested block's output through the FINAL norm, as the release's
+    get_intermediate_layers(norm=True), patches and cls, on a non-square grid."""
+    tensors = release_tensors(seed=5, depth=3)
+    write_release(str(tmp_path), tensors, dict(RELEASE_CONFIG, vision_depth=3))
+    pre = _f32_rope(vtp_jax.load_pretrained(str(tmp_path)))
+    images = np.random.default_rng(6).standard_normal((2, 16, 24, 3)).astype(np.float32)
+    f = pre.features(images, layers=[0, 1, -1])
+    ref = np_trunk({k: v.astype(np.float64) for k, v in tensors.items()}, images.astype(np.float64), depth=3)
+    close(f["cls"], ref[-1][0], 1e-5)
+    close(f["patches"], ref[-1][1], 1e-5)
+    assert len(f["intermediates"]) == len(f["intermediate_cls"]) == 3
+    for got_cls, got, (want_cls, want) in zip(f["intermediate_cls"], f["intermediates"], ref):  # blocks 0, 1, 2
+        close(got_cls, want_cls, 1e-5)
+        close(got, want, 1e-5)
+    # Block 0 is not the output: a model returning the final features for every layer fails.
+    assert np.abs(f["intermediates"][0] - f["patches"]).max() > 0.1 * np.abs(f["patches"]).max()
+    assert np.abs(f["intermediate_cls"][0] - f["cls"]).max() > 0.1 * np.abs(f["cls"]).max()
 
 
 def test_any_release_config_qk_norm_layerscale_gelu(tmp_path):
-    """A config outside S/B/L: QK-norm, LayerScale, GELU MLP and LayerNorm in the trunk."""
+    """A config outside S/B/L: QK-norm, LayerScale, GELU MLP and LayerNorm in the trunk, every
+    one of their tensors distinct and random, so that a swapped or ignored key shows."""
     config = dict(RELEASE_CONFIG, vision_use_qk_norm=True, vision_init_values=0.1,
                   vision_ffn_layer="mlp", vision_norm_layer="layernorm", train_clip=False)
     t = {k: v for k, v in release_tensors().items() if k.startswith(("trunk", "pixel_decoder"))}
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(7)
+
+    def rand(*shape, loc=0.0, scale=0.1):
+        return (loc + scale * rng.standard_normal(shape)).astype(np.float32)
+
     pre_ = "trunk.blocks.0"
     for n in ("w1", "w2", "w3"):
         del t[f"{pre_}.mlp.{n}.weight"], t[f"{pre_}.mlp.{n}.bias"]
-    t.update({f"{pre_}.mlp.fc1.weight": rng.standard_normal((4 * D, D)).astype(np.float32) * 0.1,
-              f"{pre_}.mlp.fc1.bias": np.zeros(4 * D, np.float32),
-              f"{pre_}.mlp.fc2.weight": rng.standard_normal((D, 4 * D)).astype(np.float32) * 0.1,
-              f"{pre_}.mlp.fc2.bias": np.zeros(D, np.float32),
-              f"{pre_}.attn.q_norm.weight": np.ones(D // HEADS, np.float32),
-              f"{pre_}.attn.k_norm.weight": np.ones(D // HEADS, np.float32),
-              f"{pre_}.ls1.gamma": np.full(D, 0.1, np.float32), f"{pre_}.ls2.gamma": np.full(D, 0.1, np.float32),
-              f"{pre_}.norm1.bias": np.zeros(D, np.float32), f"{pre_}.norm2.bias": np.zeros(D, np.float32),
-              "trunk.norm.bias": np.zeros(D, np.float32)})
+    t.update({f"{pre_}.mlp.fc1.weight": rand(4 * D, D), f"{pre_}.mlp.fc1.bias": rand(4 * D),
+              f"{pre_}.mlp.fc2.weight": rand(D, 4 * D), f"{pre_}.mlp.fc2.bias": rand(D),
+              f"{pre_}.attn.q_norm.weight": rand(D // HEADS, loc=1.0, scale=0.5),
+              f"{pre_}.attn.k_norm.weight": rand(D // HEADS, loc=1.0, scale=0.5),
+              f"{pre_}.ls1.gamma": rand(D, loc=0.5, scale=0.3), f"{pre_}.ls2.gamma": rand(D, loc=0.5, scale=0.3),
+              f"{pre_}.norm1.bias": rand(D), f"{pre_}.norm2.bias": rand(D), "trunk.norm.bias": rand(D)})
     write_release(str(tmp_path), t, config)
     pre = vtp_jax.load_pretrained(str(tmp_path))
     assert pre.config.qk_norm and pre.config.mlp == "gelu" and pre.config.layerscale == 0.1
     assert pre.config.text.depth == 0
-    assert pre.encode(np.zeros((1, 16, 16, 3), np.float32)).shape == (1, 2, 2, LATENT)
+    images = np.random.default_rng(8).standard_normal((2, 16, 24, 3)).astype(np.float32)
+    # LayerNorm eps 1e-6 as our norm_layer("layernorm"); the release's official code matched our
+    # import of such a variant to 2.6e-5 in an earlier parity run (torch, not run here).
+    _, patches = np_trunk({k: v.astype(np.float64) for k, v in t.items()}, images.astype(np.float64),
+                          norm_kind="layernorm", mlp="gelu", qk_norm=True, layerscale=True)[-1]
+    latents = patches @ t["trunk.feature_bottleneck.weight"].astype(np.float64).T
+    close(_f32_rope(pre).encode(images), latents, 1e-5)
 
 
 def test_errors_name_every_bad_key(tmp_path):

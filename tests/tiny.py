@@ -5,11 +5,12 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_config(name):
+def load_config(name, arg=None):
+    """configs/<name>.py's get_config() (with the config's string argument, if any)."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config() if arg is None else module.get_config(arg)
 
 
 def get_config(name="demo"):

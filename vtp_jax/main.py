@@ -1,5 +1,7 @@
 """Entry point: `python -m vtp_jax.main --config=configs/X.py --workdir=DIR [--config.a.b=v ...]`.
 
+`config.job` names the job (pre-training, stage 2, the DiT, evaluation); the runner does the rest.
+
 Multi-process runs (TPU pods, SLURM, or `launch/local_multiprocess.sh`) call
 `jax.distributed.initialize` first: with no flags JAX detects the cluster (TPU, SLURM, ...);
 `--coordinator/--num_processes/--process_id` set it explicitly.
@@ -7,6 +9,7 @@ Multi-process runs (TPU pods, SLURM, or `launch/local_multiprocess.sh`) call
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -42,9 +45,23 @@ def main(argv):
     _maybe_initialize_distributed()
     logging.info("process %d of %d, %d devices (%d local)", jax.process_index(), jax.process_count(),
                  jax.device_count(), jax.local_device_count())
-    from vtp_jax.train import loop
+    from vtp_jax.checkpoints.released import CheckpointError
+    from vtp_jax.train import runner
 
-    loop.train(FLAGS.config, FLAGS.workdir)
+    try:
+        if FLAGS.config.job == "extract_latents":  # a data job: no training state, no steps
+            from vtp_jax.data import latents
+
+            latents.extract(FLAGS.config, FLAGS.workdir)
+        elif FLAGS.config.job == "study":  # runs other jobs
+            from vtp_jax import study
+
+            study.run(FLAGS.config, FLAGS.workdir)
+        else:
+            runner.run(FLAGS.config, FLAGS.workdir)
+    except (runner.ConfigError, CheckpointError, FileNotFoundError) as e:  # bad input: the message, no traceback
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

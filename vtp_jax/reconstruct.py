@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -48,22 +49,56 @@ def psnr(a_u8: np.ndarray, b_u8: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
 
 
-def main(argv=None):
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def expand_images(paths) -> tuple[list[str], list[str]]:
+    """(image files, errors): folders are replaced by the images in them (sorted)."""
+    files, errors = [], []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_SUFFIXES))
+            if not found:
+                errors.append(f"{p}: a folder without images ({', '.join(IMAGE_SUFFIXES)})")
+            files += found
+        elif not os.path.exists(p):
+            errors.append(f"{p}: no such file")
+        else:
+            files.append(p)
+    return files, errors
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="released VTP folder (config.json + model.safetensors)")
-    ap.add_argument("--images", nargs="+", required=True)
+    ap.add_argument("--images", nargs="+", required=True, help="image files or folders of images")
     ap.add_argument("--out", required=True)
     ap.add_argument("--size", type=int, default=256, help="shorter side before the centre crop; 0 keeps the size")
     args = ap.parse_args(argv)
-    model = vtp_jax.load_pretrained(args.checkpoint)
+    from vtp_jax.checkpoints.released import CheckpointError
+
+    try:
+        model = vtp_jax.load_pretrained(args.checkpoint)
+    except (FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    files, errors = expand_images(args.images)
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
-    for path in args.images:
-        image = load_image(path, args.size, model.config.patch_size)
+    for path in files:
+        try:
+            image = load_image(path, args.size, model.config.patch_size)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: unreadable, truncated, empty or tiny files
+            print(f"error: {path}: cannot use this image ({type(e).__name__}: {e})", file=sys.stderr)
+            errors.append(path)
+            continue
         recon = denormalize(model.decode(model.encode(normalize(image)[None]))[0])
         name = os.path.splitext(os.path.basename(path))[0]
         Image.fromarray(np.concatenate([image, recon], axis=1)).save(os.path.join(args.out, f"{name}.png"))
         print(f"{path}: {image.shape[1]}x{image.shape[0]} PSNR {psnr(image, recon):.2f} dB")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -106,6 +106,33 @@ def config_from_release(rc: dict) -> ml_collections.ConfigDict:
     return c
 
 
+# Fields that change the parameters or the forward pass of each part (dtype, remat, the RoPE
+# rounding and the attention kernel change neither the parameters nor, beyond rounding, the maths).
+_ARCH_FIELDS = {
+    "": ("patch_size", "width", "depth", "num_heads", "mlp", "mlp_ratio", "norm", "qk_norm", "layerscale",
+         "n_registers", "rope_base", "latent_dim"),
+    "decoder.": ("width", "depth", "num_heads", "mlp", "mlp_ratio", "norm", "qk_norm", "layerscale"),
+    "text.": ("width", "depth", "num_heads", "mlp_ratio", "vocab_size", "context_length"),
+}
+
+
+def architecture_differences(release: ml_collections.ConfigDict, ours: ml_collections.ConfigDict) -> list[str]:
+    """'field: release X, config Y' for every architecture field of the parts `ours` has (a part
+    with depth 0 in `ours` is not compared: it is not built)."""
+    diffs = []
+    for prefix, fields in _ARCH_FIELDS.items():
+        part_ours = ours.get(prefix[:-1]) if prefix else ours
+        part_rel = release.get(prefix[:-1]) if prefix else release
+        if not part_ours.depth:
+            continue
+        diffs += [f"model.{prefix}{f}: release {part_rel[f]!r}, config {part_ours[f]!r}"
+                  for f in fields if part_rel[f] != part_ours[f]]
+    if ours.text.depth:
+        diffs += [f"model.{f}: release {release[f]!r}, config {ours[f]!r}"
+                  for f in ("clip_dim", "clip_feat") if release[f] != ours[f]]
+    return diffs
+
+
 # --------------------------------------------------------------------------------------------
 # Tensor mapping: release key -> (our param path, layout). Layouts are invertible, so the same
 # table imports released weights and exports ours in the release format.
@@ -115,20 +142,15 @@ LINEAR, LINEAR_OUT2 = ("T", 1), ("T", 2)  # torch (out, in) -> ours (in..., out.
 
 
 def to_ours(layout, a: np.ndarray, shape) -> np.ndarray:
-    """Release tensor -> our layout of `shape` (a ValueError when it cannot be that)."""
+    """Release tensor (already checked to have the release shape of `shape`) -> our layout."""
     if layout == IDENT:
         return a
-    if layout == SCALAR:
-        return a.reshape(())
-    if layout == FLAT:
-        return a.reshape(shape) if a.ndim == 1 else a.reshape(-1, 1)  # ndim != 1 fails the shape check
+    if layout in (SCALAR, FLAT):
+        return a.reshape(shape)
     if layout == CONV:
         return a.transpose(2, 3, 1, 0)
     if layout == CONV1X1:
-        return a[:, :, 0, 0].T if a.shape[2:] == (1, 1) else a
-    n_in = layout[1]
-    if a.ndim != 2 or a.shape != (int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in]))):
-        return a
+        return a[:, :, 0, 0].T
     return a.T.reshape(shape)
 
 
@@ -237,11 +259,19 @@ def _rope_buffers(c) -> dict[str, np.ndarray]:
     return out
 
 
+def _unrolled(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`c` with unrolled block stacks: the layout the release's per-block tensor names map onto."""
+    c = c.copy_and_resolve_references()
+    c.scan_layers = False
+    return c
+
+
 def convert(tensors: dict[str, np.ndarray], c: ml_collections.ConfigDict):
-    """Release tensors -> our unboxed float32 params, or one CheckpointError naming every bad key."""
+    """Release tensors -> our unboxed float32 params in the layout `c` asks for (stacked blocks
+    with c.scan_layers), or one CheckpointError naming every bad key."""
     mapping = key_map(c)
     buffers = _rope_buffers(c)
-    shapes = vtp_lib.param_shapes(c)
+    shapes = vtp_lib.param_shapes(_unrolled(c))
     flat_shapes = {"/".join(k): v.shape for k, v in _flatten(shapes).items()}
     missing = sorted(k for k in mapping if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in mapping and k not in buffers)
@@ -251,12 +281,14 @@ def convert(tensors: dict[str, np.ndarray], c: ml_collections.ConfigDict):
         if k not in tensors:
             continue
         want = flat_shapes[path]
-        a = to_ours(layout, np.asarray(tensors[k], np.float32), want)
-        if a.shape != want:
-            expected = to_release(layout, np.empty(want)).shape
-            problems.append(f"{k}: shape {tuple(tensors[k].shape)}, expected {expected} (for {path} {want})")
+        expected = to_release(layout, np.empty(want)).shape
+        got = tuple(tensors[k].shape)
+        # The release shape is checked before any transpose: a transposed Linear whose shape
+        # happens to equal ours must be reported, not taken as is.
+        if got != expected and not (layout == SCALAR and int(np.prod(got)) == 1):
+            problems.append(f"{k}: shape {got}, expected {expected} (for {path} {want})")
             continue
-        flat[path] = a
+        flat[path] = to_ours(layout, np.asarray(tensors[k], np.float32), want)
     for k, want in buffers.items():
         if k in tensors and (tensors[k].shape != want.shape or not np.allclose(tensors[k], want, rtol=1e-2)):
             problems.append(f"{k}: RoPE periods {np.asarray(tensors[k]).ravel()[:4]}... differ from the "
@@ -266,7 +298,8 @@ def convert(tensors: dict[str, np.ndarray], c: ml_collections.ConfigDict):
         raise CheckpointError(f"checkpoint does not match its config ({len(lines)} problem(s)):\n  "
                               + "\n  ".join(lines))
     assert set(flat) == set(flat_shapes), sorted(set(flat_shapes) ^ set(flat))
-    return _unflatten(flat)
+    params = _unflatten(flat)
+    return layers_lib.stack_blocks(params) if c.scan_layers else params
 
 
 def _flatten(tree, prefix=()):
@@ -290,8 +323,9 @@ def _unflatten(flat: dict[str, np.ndarray]):
     return tree
 
 
-def load_release(folder: str):
-    """(model config, params) from a release folder."""
+def load_release(folder: str, scan_layers: bool = False):
+    """(model config, params) from a release folder; with `scan_layers` the config says so and
+    each block stack's params are stacked (<tower>/blocks/..., leading depth axis)."""
     cfg_path, st_path = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
     for p in (cfg_path, st_path):
         if not os.path.exists(p):
@@ -302,6 +336,7 @@ def load_release(folder: str):
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
     c = config_from_release(rc)
+    c.scan_layers = scan_layers
     params = convert(read_safetensors(st_path), c)
     return c, jax.tree.map(np.asarray, params)
 
@@ -333,12 +368,14 @@ def config_to_release(c: ml_collections.ConfigDict, image_size: int = 256) -> di
 
 
 def export_release(c: ml_collections.ConfigDict, params, folder: str, image_size: int = 256):
-    """Writes our params as a release folder (config.json + float32 model.safetensors) that
-    `load_pretrained` and the official PyTorch code both open. Parts the release has no place
-    for (the DINO head) are left out."""
+    """Writes our params (in the layout c.scan_layers says) as a release folder (config.json +
+    float32 model.safetensors) that `load_pretrained` and the official PyTorch code both open.
+    Parts the release has no place for (the DINO head) are left out."""
     import safetensors.numpy
 
     rc = config_to_release(c, image_size)
+    if c.scan_layers:
+        params = layers_lib.unstack_blocks(jax.device_get(params))
     flat = {"/".join(k): np.asarray(v, np.float32) for k, v in _flatten(jax.device_get(params)).items()}
     tensors = {k: np.ascontiguousarray(to_release(layout, flat[path])) for k, (path, layout) in key_map(c).items()}
     tensors.update({k: np.ascontiguousarray(v) for k, v in _rope_buffers(c).items()})

@@ -58,6 +58,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.procedural_size = 64  # procedural: rendered side (views resize it like any photo)
     c.procedural_seed = 0  # which procedural dataset (independent of the shuffle seed)
     c.procedural_records = 2 ** 31  # epoch length grain needs; the generator itself is unbounded
+    c.procedural_objects = 2  # objects per scene at most (1: the label names the only object)
     # Batches per step, global (each process takes 1/P). VTP: 16k pairs, 4k SSL, 2k reconstruction.
     c.batch_clip = 16384  # records per step; CLIP view + tokens of all of them
     c.batch_ssl = 4096  # drawn at random from the CLIP batch; 0 = no SSL views
@@ -133,7 +134,8 @@ def _check(c, views: Collection[str], process_count: int):
 def make_source(c):
     """The record source config.data names (see `sources`)."""
     if c.source == "procedural":
-        return sources.ProceduralSource(c.procedural_seed, c.procedural_size, c.procedural_records)
+        return sources.ProceduralSource(c.procedural_seed, c.procedural_size, c.procedural_records,
+                                        max_objects=c.procedural_objects)
     if c.source == "array_record":
         return sources.array_record_source(c.paths)
     if c.source == "tfds":
@@ -262,14 +264,14 @@ class _Views:
             chosen = step_rng.choice(len(examples), self.batch_ssl, replace=False)
             crops = [transforms.multi_crop(examples[i]["image"], self._rng(examples[i]["position"], _STREAM_SSL), c)
                      for i in chosen]
-            out["ssl_global"] = transforms.normalize(np.stack([np.stack(g) for g, _ in crops], axis=1))
+            out["ssl_global"] = transforms.normalize(np.stack([np.stack(g) for g, _ in crops]))
             if c.local_crops_number:
-                out["ssl_local"] = transforms.normalize(np.stack([np.stack(l) for _, l in crops], axis=1))
+                out["ssl_local"] = transforms.normalize(np.stack([np.stack(l) for _, l in crops]))
             else:
-                out["ssl_local"] = np.zeros((0, self.batch_ssl, c.local_crops_size, c.local_crops_size, 3), np.float32)
+                out["ssl_local"] = np.zeros((self.batch_ssl, 0, c.local_crops_size, c.local_crops_size, 3), np.float32)
             grid = (c.global_crops_size // c.patch_size,) * 2
             masks = transforms.ibot_masks(step_rng, 2 * self.batch_ssl, grid, c.mask_ratio_min_max, c.mask_probability)
-            out["ssl_masks"] = masks.reshape(2, self.batch_ssl, *grid)  # crop-major, as the crops
+            out["ssl_masks"] = masks.reshape(self.batch_ssl, 2, *grid)  # (image, crop), as the crops
         if self.batch_rec:
             chosen = step_rng.choice(len(examples), self.batch_rec, replace=False)
             out["rec_images"] = transforms.normalize(np.stack(
@@ -292,17 +294,16 @@ class TrainIterator(grain.DatasetIterator):
         self.totals += batch.pop("_counts")
         return batch
 
+    def counters(self) -> dict[str, int]:
+        """Records skipped or repaired so far by this process, per reason (the runner logs them)."""
+        return {n: int(v) for n, v in zip(COUNTERS, self.totals)}
+
     def get_state(self) -> dict:
-        return {"pipeline": self._parent.get_state(), "counts": {n: int(v) for n, v in zip(COUNTERS, self.totals)}}
+        return {"pipeline": self._parent.get_state(), "counts": self.counters()}
 
     def set_state(self, state: dict):
         self._parent.set_state(state["pipeline"])
         self.totals = np.array([state["counts"].get(n, 0) for n in COUNTERS], np.int64)
-
-
-def skip_counts(iterator: TrainIterator) -> dict[str, int]:
-    """Records skipped or repaired so far by this process, per reason (for logging)."""
-    return {n: int(v) for n, v in zip(COUNTERS, iterator.totals)}
 
 
 def checkpoint_save_args(iterator: TrainIterator):
@@ -348,10 +349,10 @@ def make_train_iterator(config_data, *, seed: int, process_index: int | None = N
     """Per-process iterator of training batches (NumPy, local 1/P of every global batch):
 
       clip_images (B_clip/P, S, S, 3) f32   tokens (B_clip/P, context_length) int32
-      ssl_global (2, B_ssl/P, G, G, 3) f32  ssl_local (n_local, B_ssl/P, L, L, 3) f32
-      ssl_masks (2, B_ssl/P, G/p, G/p) bool rec_images (B_rec/P, S, S, 3) f32
+      ssl_global (B_ssl/P, 2, G, G, 3) f32  ssl_local (B_ssl/P, n_local, L, L, 3) f32
+      ssl_masks (B_ssl/P, 2, G/p, G/p) bool rec_images (B_rec/P, S, S, 3) f32
 
-    ImageNet-normalized; multi-crop arrays crop-major. `views` leaves out what no active
+    ImageNet-normalized; everything batch-major (multi-crop arrays (image, crop, ...)). `views` leaves out what no active
     objective consumes (e.g. ('rec',) for the plain autoencoder); process index / count default
     to JAX's.
     """

@@ -101,14 +101,19 @@ def _layout(rng: np.random.Generator, sizes: list[str], relation: str | None) ->
     return [(along[i], across[i]) for i in range(2)]
 
 
-def render_example(seed: int, index: int, size: int = 64) -> dict:
-    """Example `index` of the stream `seed`: {'image': (size, size, 3) uint8, 'caption', 'label'}."""
+def render_example(seed: int, index: int, size: int = 64, max_objects: int = 2) -> dict:
+    """Example `index` of the stream `seed`: {'image': (size, size, 3) uint8, 'caption', 'label'}.
+
+    With max_objects=1 every scene has one object, so the label names the only object (with two,
+    which one comes first is in the caption, not in the image); the random stream is the same."""
     if size < 8:
         raise ValueError(f"procedural images need size >= 8 pixels, got {size}")
     if index < 0 or seed < 0:
         raise ValueError(f"seed and index must be non-negative, got seed={seed} index={index}")
     rng = np.random.default_rng([seed, index])
-    n = 1 + int(rng.random() < 0.5)
+    if max_objects not in (1, 2):
+        raise ValueError(f"max_objects must be 1 or 2, got {max_objects}")
+    n = 1 + int(rng.random() < 0.5 and max_objects == 2)
     objects = [dict(shape=SHAPES[rng.integers(len(SHAPES))], color=COLOR_NAMES[rng.integers(len(COLOR_NAMES))],
                     size=tuple(SIZES)[rng.integers(len(SIZES))], fill=FILLS[rng.integers(len(FILLS))])
                for _ in range(n)]

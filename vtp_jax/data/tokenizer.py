@@ -19,6 +19,8 @@ SOT, EOT, PAD = 49406, 49407, 0
 CONTEXT_LENGTH = 77
 _VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 _N_MERGES = 49152 - 256 - 2
+HOW_TO_GET_VOCAB = ("Install it offline with `pip install --no-deps open_clip_torch` (no torch needed), or set "
+                    f"VTP_BPE_VOCAB / pass vocab_path= to a copy of {_VOCAB_FILE}.")
 
 
 def find_vocab_file() -> str:
@@ -30,10 +32,7 @@ def find_vocab_file() -> str:
         path = os.path.join(folder, _VOCAB_FILE)
         if os.path.exists(path):
             return path
-    raise FileNotFoundError(
-        f"CLIP BPE vocabulary {_VOCAB_FILE} not found. Install it offline with "
-        "`pip install --no-deps open_clip_torch` (no torch needed), or set VTP_BPE_VOCAB / pass "
-        "vocab_path= to the file.")
+    raise FileNotFoundError(f"CLIP BPE vocabulary {_VOCAB_FILE} not found. " + HOW_TO_GET_VOCAB)
 
 
 def _byte_alphabet() -> dict[int, str]:

@@ -4,6 +4,10 @@ The same `Block` serves the vision trunk (RMSNorm, SwiGLU, RoPE on patch tokens)
 decoder (LayerNorm, SwiGLU, RoPE on all tokens) and the text tower (LayerNorm, GELU, causal).
 Every parameter carries logical axis names ('embed', 'mlp', 'heads', 'kv', 'vocab', 'norm') so
 that the trainer shards them by rules declared once in `vtp_jax.train.sharding`.
+
+A stack of blocks runs unrolled (modules blocks_0 .. blocks_{depth-1}) or under one `nn.scan`
+(one module `blocks` whose parameters carry a leading 'layers' axis): scanning compiles one block
+whatever the depth. `stack_blocks` / `unstack_blocks` convert parameters between the layouts.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+
+from vtp_jax.axes import n_batch_shards
 
 Dtype = Any
 _BF16 = ml_dtypes.bfloat16
@@ -105,16 +111,55 @@ def rope_tables(h: int, w: int, head_dim: int, base: float = 100.0, bf16: bool =
     return r(np.sin(angles)), r(np.cos(angles))
 
 
+@functools.lru_cache(maxsize=64)
+def interleaved_rope_tables(h: int, w: int, head_dim: int, theta: float = 10000.0):
+    """(sin, cos), each (h*w, head_dim) float32: LightningDiT's RoPE (EVA-02's
+    VisionRotaryEmbeddingFast), for `apply_rope(..., pairing="interleaved")`.
+
+    The first half of head_dim rotates with the row index, the second half with the column
+    index, at frequencies theta^(-2k/(head_dim/2)), k < head_dim/4, each repeated for the two
+    members of a pair (2i, 2i+1). Positions are EVA's arange(n) / n * n: integers up to float32
+    rounding. Computed in float32 in the reference's order, so its buffers compare closely.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
+    half = head_dim // 2
+    freqs = np.float32(1.0) / np.float32(theta) ** (np.arange(0, half, 2, dtype=np.float32) / np.float32(half))
+
+    def axis_angles(n):
+        pos = np.arange(n, dtype=np.float32) / np.float32(n) * np.float32(n)
+        return np.repeat(pos[:, None] * freqs[None, :], 2, axis=-1)  # (n, half), pairs interleaved
+
+    rows, cols = axis_angles(h), axis_angles(w)
+    angles = np.concatenate([np.broadcast_to(rows[:, None], (h, w, half)),
+                             np.broadcast_to(cols[None, :], (h, w, half))], axis=-1).reshape(h * w, head_dim)
+    return np.sin(angles), np.cos(angles)
+
+
 def _rotate_half(x):
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x, sin, cos, *, bf16: bool):
+def _rotate_interleaved(x):
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    return jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+
+
+_ROTATIONS = {"half": _rotate_half, "interleaved": _rotate_interleaved}
+
+
+def apply_rope(x, sin, cos, *, bf16: bool, pairing: str = "half"):
     """Rotates the LAST sin.shape[0] tokens of x (B, N, heads, head_dim); leading tokens (cls,
     registers) pass unrotated. With `bf16` all of q/k (prefix tokens too, as the release casts
     the whole tensor to the tables' dtype) and every op of the rotation are rounded to bfloat16
-    (lax.reduce_precision survives XLA's excess-precision rewrites), then cast back."""
+    (lax.reduce_precision survives XLA's excess-precision rewrites), then cast back.
+
+    `pairing` says which dimensions rotate together: "half" pairs i with i + head_dim/2 (the
+    VTP release), "interleaved" pairs 2i with 2i+1 (EVA / LightningDiT)."""
+    if pairing not in _ROTATIONS:
+        raise ValueError(f"unknown RoPE pairing {pairing!r}: expected 'half' or 'interleaved'")
+    rotate = _ROTATIONS[pairing]
     n_rot = sin.shape[0]
     sin = jnp.asarray(sin)[None, :, None, :]
     cos = jnp.asarray(cos)[None, :, None, :]
@@ -123,10 +168,10 @@ def apply_rope(x, sin, cos, *, bf16: bool):
         rp = functools.partial(jax.lax.reduce_precision, exponent_bits=8, mantissa_bits=7)
         y = rp(y)
         prefix, t = y[:, : y.shape[1] - n_rot], y[:, y.shape[1] - n_rot:]
-        t = rp(rp(t * cos) + rp(_rotate_half(t) * sin))
+        t = rp(rp(t * cos) + rp(rotate(t) * sin))
     else:
         prefix, t = y[:, : y.shape[1] - n_rot], y[:, y.shape[1] - n_rot:]
-        t = t * cos + _rotate_half(t) * sin
+        t = t * cos + rotate(t) * sin
     return jnp.concatenate([prefix, t], axis=1).astype(x.dtype)
 
 
@@ -144,6 +189,8 @@ class Attention(nn.Module):
     qkv_std: float = 0.02
     proj_std: float = 0.02
     dtype: Dtype = jnp.float32
+    rope_pairing: str = "half"  # see apply_rope
+    qk_norm_eps: float | None = None  # None: norm_layer's RMSNorm default (1e-5, the release)
 
     @nn.compact
     def __call__(self, x, rope=None):
@@ -153,11 +200,11 @@ class Attention(nn.Module):
                     std=self.qkv_std, dtype=self.dtype, name="qkv", in_shape=(width,))(x)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         if self.qk_norm:  # before RoPE, as in the release.
-            q = norm_layer("rmsnorm", name="q_norm", dtype=self.dtype)(q)
-            k = norm_layer("rmsnorm", name="k_norm", dtype=self.dtype)(k)
+            q = norm_layer("rmsnorm", self.qk_norm_eps, name="q_norm", dtype=self.dtype)(q)
+            k = norm_layer("rmsnorm", self.qk_norm_eps, name="k_norm", dtype=self.dtype)(k)
         if rope is not None:
-            q = apply_rope(q, *rope, bf16=self.rope_bf16)
-            k = apply_rope(k, *rope, bf16=self.rope_bf16)
+            q = apply_rope(q, *rope, bf16=self.rope_bf16, pairing=self.rope_pairing)
+            k = apply_rope(k, *rope, bf16=self.rope_bf16, pairing=self.rope_pairing)
         impl = None if self.implementation in (None, "xla") else self.implementation
         if impl is None:
             out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
@@ -236,10 +283,20 @@ class Block(nn.Module):
     def _residual(self, x, branch, drop_rate):
         if drop_rate <= 0.0:
             return x + branch(x)
+        # The subset is drawn within each batch shard (as DINOv2 draws it per GPU): x is viewed as
+        # (shards, per_shard, ...) and the same positions are taken from every shard, so the gather
+        # and the scatter-add stay local and move no activations between devices.
         b = x.shape[0]
-        keep = max(int(b * (1.0 - drop_rate)), 1)
-        idx = jax.random.permutation(self.make_rng("drop_path"), b)[:keep]
-        return x.at[idx].add(branch(x[idx]) * jnp.asarray(b / keep, x.dtype))
+        shards = n_batch_shards()
+        shards = shards if b % shards == 0 else 1
+        per_shard = b // shards
+        keep = max(int(per_shard * (1.0 - drop_rate)), 1)
+        idx = jax.random.permutation(self.make_rng("drop_path"), per_shard)[:keep]
+        xs = nn.with_logical_constraint(x.reshape(shards, per_shard, *x.shape[1:]),
+                                        ("activation_batch",) + (None,) * x.ndim)
+        y = branch(xs[:, idx].reshape(shards * keep, *x.shape[1:]))
+        xs = xs.at[:, idx].add(y.reshape(shards, keep, *x.shape[1:]) * jnp.asarray(per_shard / keep, x.dtype))
+        return xs.reshape(x.shape)
 
 
 def remat_block(policy: str):
@@ -252,3 +309,87 @@ def remat_block(policy: str):
         return nn.remat(Block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
                         static_argnums=(3,))
     raise ValueError(f"unknown remat policy {policy!r}: expected 'none', 'full' or 'dots'")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stacks of blocks: unrolled or scanned, and the two parameter layouts.
+# ----------------------------------------------------------------------------------------------
+SCANNED = "blocks"  # the scanned stack's module name; unrolled blocks are blocks_0, blocks_1, ...
+
+
+def apply_blocks(make_block, depth: int, x, *shared, static: tuple = (), scan: bool = False, keep=()):
+    """x through `depth` blocks, each called as block(x, *shared, *static); returns (x, the
+    outputs of the blocks whose indices are in `keep`, in block order).
+
+    `make_block(name)` builds one block module. `shared` are arrays every block sees (RoPE tables,
+    conditioning), broadcast into the scan; `static` are Python values (a remat'ed Block's static
+    drop rate). Under scan, per-layer rngs ('params', 'drop_path') are split per layer and the kept
+    outputs are written into a carried (len(keep), ...) buffer, so that a stack asked for no
+    outputs traces none and one asked for a few holds only those, not every layer's.
+    """
+    keep = sorted(set(keep))
+    if not scan:
+        kept = []
+        for i in range(depth):
+            x = make_block(f"blocks_{i}")(x, *shared, *static)
+            if i in keep:
+                kept.append(x)
+        return x, kept
+
+    slots = np.full(depth, len(keep), np.int32)  # the buffer slot of each block; len(keep): none
+    slots[keep] = np.arange(len(keep))
+
+    def body(block, carry, slot, *shared):
+        y, kept = carry
+        y = block(y, *shared, *static)
+        if keep:
+            kept = kept.at[slot].set(y, mode="drop")
+        return (y, kept), None
+
+    stack = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "drop_path": True},
+                    in_axes=(0,) + (nn.broadcast,) * len(shared), length=depth,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    buffer = jnp.zeros((len(keep), *x.shape), x.dtype) if keep else None
+    (x, buffer), _ = stack(make_block(SCANNED), (x, buffer), slots, *shared)
+    return x, list(buffer) if keep else []
+
+
+def _block_index(name: str) -> int | None:
+    prefix = SCANNED + "_"
+    return int(name[len(prefix):]) if name.startswith(prefix) and name[len(prefix):].isdigit() else None
+
+
+def stack_blocks(params):
+    """Unrolled -> scanned layout: every group blocks_0 .. blocks_{n-1} of the (unboxed) params
+    becomes one `blocks` subtree whose leaves are stacked on a new leading axis (host NumPy)."""
+    if not isinstance(params, dict):
+        return params
+    indices = sorted(i for i in map(_block_index, params) if i is not None)
+    out = {k: stack_blocks(v) for k, v in params.items() if _block_index(k) is None}
+    if indices:
+        if indices != list(range(len(indices))):
+            raise ValueError(f"cannot stack blocks {indices}: expected blocks_0 .. blocks_{len(indices) - 1}")
+        if SCANNED in out:
+            raise ValueError(f"params hold both '{SCANNED}' and {SCANNED}_0 ..: mixed layouts")
+        blocks = [params[f"{SCANNED}_{i}"] for i in indices]
+        try:
+            out[SCANNED] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *blocks)
+        except ValueError as e:
+            raise ValueError(f"blocks_0 .. blocks_{len(indices) - 1} differ in structure or shape: {e}") from e
+    return out
+
+
+def unstack_blocks(params):
+    """Scanned -> unrolled layout (the inverse of `stack_blocks`): every `blocks` subtree with
+    leading depth axis becomes blocks_0 .. blocks_{depth-1} (host NumPy)."""
+    if not isinstance(params, dict):
+        return params
+    out = {k: unstack_blocks(v) for k, v in params.items() if k != SCANNED}
+    if SCANNED in params:
+        stacked = jax.tree.map(np.asarray, params[SCANNED])
+        depths = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(stacked)}
+        if len(depths) != 1 or None in depths:
+            raise ValueError(f"'{SCANNED}' leaves do not share one leading depth axis: {sorted(map(str, depths))}")
+        for i in range(depths.pop()):
+            out[f"{SCANNED}_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return out

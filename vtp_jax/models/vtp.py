@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from vtp_jax.models.heads import DINOHead
-from vtp_jax.models.layers import dense, l2_normalize, norm_layer, param_with_axes, mlp_hidden, remat_block, rope_tables
+from vtp_jax.models.layers import (apply_blocks, dense, l2_normalize, mlp_hidden, norm_layer, param_with_axes,
+                                   remat_block, rope_tables)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -27,7 +28,8 @@ def _dtype(name: str):
 
 class RopeTransformer(nn.Module):
     """What the trunk and the pixel decoder share: the same Block stack over an h x w token
-    grid with axial RoPE (prefix tokens, if any, lead the sequence and are not rotated)."""
+    grid with axial RoPE (prefix tokens, if any, lead the sequence and are not rotated).
+    With `scan_layers` the stack is one nn.scan (see layers.apply_blocks)."""
 
     width: int
     depth: int
@@ -43,19 +45,19 @@ class RopeTransformer(nn.Module):
     remat: str = "none"
     attention: str = "xla"
     dtype: Any = jnp.float32
+    scan_layers: bool = False
 
-    def blocks(self, x, h: int, w: int, drop_rate: float, keep=frozenset()):
-        """x after blocks_0..depth-1, and the outputs of the blocks in `keep`."""
+    def blocks(self, x, h: int, w: int, drop_rate: float, keep=()):
+        """x after the depth blocks, and the outputs of the blocks in `keep` (in block order)."""
         rope = rope_tables(h, w, self.width // self.num_heads, self.rope_base, self.rope_bf16)
         block = remat_block(self.remat)
         hidden = mlp_hidden(self.mlp, self.width, self.mlp_ratio)
-        kept = []
-        for i in range(self.depth):
-            x = block(self.num_heads, hidden, self.mlp, self.norm, None, self.qk_norm, self.layerscale,
-                      False, self.rope_bf16, self.attention, dtype=self.dtype, name=f"blocks_{i}")(x, rope, drop_rate)
-            if i in keep:
-                kept.append(x)
-        return x, kept
+
+        def make(name):
+            return block(self.num_heads, hidden, self.mlp, self.norm, None, self.qk_norm, self.layerscale,
+                         False, self.rope_bf16, self.attention, dtype=self.dtype, name=name)
+
+        return apply_blocks(make, self.depth, x, rope, static=(drop_rate,), scan=self.scan_layers, keep=keep)
 
 
 class Encoder(RopeTransformer):
@@ -65,7 +67,8 @@ class Encoder(RopeTransformer):
 
     @nn.compact
     def __call__(self, images, masks=None, drop_rate: float = 0.0, return_layers: Sequence[int] = ()):
-        """Returns dict(cls, registers, patches (B, h, w, D), intermediates [(B, h, w, D)]), all normed."""
+        """Returns dict(cls, registers, patches (B, h, w, D), intermediates [(B, h, w, D)],
+        intermediate_cls [(B, D)]), all normed (intermediates: the blocks in `return_layers`)."""
         b, height, width, _ = images.shape
         p = self.patch_size
         if height % p or width % p:
@@ -96,13 +99,14 @@ class Encoder(RopeTransformer):
         if bad:
             raise ValueError(f"return_layers {bad} out of range for a {self.depth}-block trunk")
         n_prefix = 1 + self.n_registers
-        x, kept = self.blocks(x, h, w, drop_rate, {i % self.depth for i in return_layers})  # -1: last block
+        x, kept = self.blocks(x, h, w, drop_rate, [i % self.depth for i in return_layers])  # -1: last block
         # As the release's get_intermediate_layers(norm=True): normed patch tokens.
-        intermediates = [norm(y)[:, n_prefix:].reshape(b, h, w, self.width) for y in kept]
+        kept = [norm(y) for y in kept]
         x = norm(x)
         return dict(cls=x[:, 0], registers=x[:, 1:n_prefix],
                     patches=x[:, n_prefix:].reshape(b, h, w, self.width),
-                    intermediates=intermediates)
+                    intermediates=[y[:, n_prefix:].reshape(b, h, w, self.width) for y in kept],
+                    intermediate_cls=[y[:, 0] for y in kept])
 
 
 class PixelDecoder(RopeTransformer):
@@ -139,6 +143,7 @@ class TextTower(nn.Module):
     remat: str = "none"
     attention: str = "xla"
     dtype: Any = jnp.float32
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, tokens):
@@ -153,9 +158,12 @@ class TextTower(nn.Module):
         attn_std = self.width ** -0.5  # OpenCLIP init
         stds = (attn_std, attn_std * (2 * self.depth) ** -0.5, (2 * self.width) ** -0.5, attn_std * (2 * self.depth) ** -0.5)
         block = remat_block(self.remat)
-        for i in range(self.depth):
-            x = block(self.num_heads, int(self.width * self.mlp_ratio), "gelu", "layernorm", 1e-5, False, None,
-                      True, False, self.attention, stds, dtype=self.dtype, name=f"blocks_{i}")(x, None, 0.0)
+
+        def make(name):
+            return block(self.num_heads, int(self.width * self.mlp_ratio), "gelu", "layernorm", 1e-5, False, None,
+                         True, False, self.attention, stds, dtype=self.dtype, name=name)
+
+        x, _ = apply_blocks(make, self.depth, x, None, static=(0.0,), scan=self.scan_layers)
         x = norm_layer("layernorm", 1e-5, name="ln_final", dtype=self.dtype)(x)
         pooled = x[jnp.arange(b), jnp.argmax(tokens, axis=-1)]
         # CLIP's learned log temperature lives with the text tower (created here, read by the loss).
@@ -174,7 +182,7 @@ class VTP(nn.Module):
         c = self.config
         dtype = _dtype(c.dtype)
         shared = dict(patch_size=c.patch_size, rope_base=c.rope_base, rope_bf16=c.rope_bf16, remat=c.remat,
-                      attention=c.attention, dtype=dtype)
+                      attention=c.attention, dtype=dtype, scan_layers=c.scan_layers)
         self.trunk = Encoder(c.width, c.depth, c.num_heads, mlp=c.mlp, mlp_ratio=c.mlp_ratio, norm=c.norm,
                              qk_norm=c.qk_norm, layerscale=c.layerscale, n_registers=c.n_registers, **shared)
         self.feature_bottleneck = dense(c.latent_dim, ("embed", None), use_bias=False, dtype=dtype)
@@ -185,11 +193,11 @@ class VTP(nn.Module):
         t = c.text
         if t.depth:
             self.text = TextTower(t.width, t.depth, t.num_heads, c.clip_dim, t.mlp_ratio, t.vocab_size,
-                                  t.context_length, c.init_logit_scale, c.remat, c.attention, dtype)
+                                  t.context_length, c.init_logit_scale, c.remat, c.attention, dtype, c.scan_layers)
             self.visual_proj = dense(c.clip_dim, ("embed", None), use_bias=False, dtype=dtype)
         if c.head.prototypes:
             h = c.head
-            self.dino_head = DINOHead(h.prototypes, h.hidden_dim, h.bottleneck_dim, h.n_layers, dtype)
+            self.dino_head = DINOHead(h.prototypes, h.hidden_dim, h.bottleneck_dim, h.n_layers, h.use_bn, dtype)
 
     def __call__(self, images, tokens=None):
         """Touches every submodule once (for init); returns the reconstruction."""
@@ -230,8 +238,8 @@ class VTP(nn.Module):
         x = self.text(tokens)
         return l2_normalize(x) if normalize else x
 
-    def head(self, x):
-        return self.dino_head(x)
+    def head(self, x, valid=None):
+        return self.dino_head(x, valid)
 
 
 def init_params(config: ml_collections.ConfigDict, rng, image_size: int | None = None):

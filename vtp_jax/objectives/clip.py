@@ -7,45 +7,13 @@ carries the gradient back to the shard that owns each row.
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from vtp_jax.train.sharding import BATCH_AXES
+from vtp_jax.axes import batch_axes, n_batch_shards, over_batch_shards
 
 __all__ = ["clip_loss"]
-
-
-def batch_axes(mesh=None):
-    """(mesh, its batch axes among BATCH_AXES); () without a mesh or without such axes.
-
-    The mesh defaults to the one set by `jax.set_mesh`, so losses pick up the trainer's mesh inside
-    jit without it being threaded through every call. Axes of size 1 count too: explicitly sharded
-    inputs carry them in their types, and the plain (B, B) product of two such inputs is rejected."""
-    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    if mesh.empty:
-        return mesh, ()
-    return mesh, tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-
-
-def over_batch_shards(f, mesh, axes, in_specs, out_specs):
-    """`jax.shard_map(f)` over the batch axes. Auto-sharded inputs are resharded by shard_map itself;
-    explicitly sharded ones (the default of `jax.make_mesh`) must be resharded first."""
-    mapped = jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
-    kinds = dict(zip(mesh.axis_names, mesh.axis_types))
-    if all(kinds[a] != AxisType.Explicit for a in axes):
-        return mapped
-
-    def resharded(*args):
-        args = [jax.reshard(x, NamedSharding(mesh, s)) for x, s in zip(args, in_specs)]
-        return mapped(*args)
-    return resharded
-
-
-def n_batch_shards(mesh, axes) -> int:
-    return math.prod(mesh.shape[a] for a in axes)
 
 
 def _cross_entropy_sum(img, txt, all_img, all_txt, scale):

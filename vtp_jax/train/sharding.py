@@ -1,9 +1,9 @@
 """Mesh and logical-axis sharding, declared once.
 
-Parameters carry logical names (embed / mlp / heads / kv / vocab); `LOGICAL_RULES` maps them to
-the mesh axes (data, fsdp, tensor). The batch is split over (data, fsdp); parameters and
-optimizer state over fsdp (ZeRO-3 style) and tensor. A dimension that a mesh axis does not
-divide stays replicated on that axis rather than failing.
+Parameters carry logical names (embed / mlp / heads / kv / vocab; layers: the depth axis of
+scanned block stacks); `LOGICAL_RULES` maps them to the mesh axes (data, fsdp, tensor). The batch
+is split over (data, fsdp); parameters and optimizer state over fsdp (ZeRO-3 style) and tensor. A
+dimension that a mesh axis does not divide stays replicated on that axis rather than failing.
 """
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from vtp_jax.axes import BATCH_AXES, MESH_AXES
 LOGICAL_RULES = (
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -24,10 +23,12 @@ LOGICAL_RULES = (
     ("kv", None),
     ("vocab", "tensor"),
     ("norm", None),  # norm scales / biases and LayerScale gammas: small, replicated
+    ("layers", None),  # the leading depth axis of scanned block stacks (model.scan_layers)
     # Activations (nn.with_logical_constraint in the blocks).
     ("activation_batch", BATCH_AXES),
     ("activation_length", None),
     ("activation_embed", None),
+    ("activation_vocab", "tensor"),  # the DINO / iBOT head's prototype logits
 )
 
 
@@ -77,18 +78,11 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules=LOGICAL_RULES):
     return jax.tree.map(one, specs, shapes, is_leaf=lambda s: isinstance(s, P))
 
 
-def batch_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:
-    spec = [None] * ndim
-    spec[axis] = BATCH_AXES
-    return NamedSharding(mesh, P(*spec))
-
-
-def batch_axis(key: str) -> int:
-    """Multi-crop arrays are (crops, batch, ...); everything else is batch-major."""
-    return 1 if key.startswith("ssl_") else 0
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) axis over (data, fsdp); every batch array is batch-major."""
+    return NamedSharding(mesh, P(BATCH_AXES, *(None,) * (ndim - 1)))
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:
     """Per-process NumPy batch -> global jax.Arrays sharded over (data, fsdp)."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, batch_axis(k)), v)
-            for k, v in local.items()}
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in local.items()}

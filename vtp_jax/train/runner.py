@@ -1,0 +1,353 @@
+"""THE training loop, shared by every job.
+
+A job (`vtp_jax.train.pretrain`, `.stage2`, `.dit`, `.evaluate`) is a module with
+`validate(config, n_batch_shards, n_processes) -> [errors]` and `make_job(config, mesh) -> Job`:
+it brings its state, its step, its data and its hooks. The runner owns everything else: the mesh,
+the sharded state layout (from the logical axis names of the job's parameters), jit with donation,
+orbax checkpoints together with the data iterator's state, preemption, the non-finite guard,
+metric writing, MFU, the evaluators named in `config.evals`, and the final export.
+
+    python -m vtp_jax.main --config=configs/X.py --workdir=W      # config.job picks the job
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+
+from vtp_jax import config as config_lib
+from vtp_jax.train import sharding
+
+JOBS = {"pretrain": "vtp_jax.train.pretrain", "stage2": "vtp_jax.train.stage2", "dit": "vtp_jax.train.dit",
+        "eval": "vtp_jax.train.evaluate"}
+
+# Dense bf16 peak FLOP/s per device (vendor figures), by jax device_kind substring.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+              "TPU v6": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+class ConfigError(ValueError):
+    """An impossible config, reported before anything compiles."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """`fn(step, state, batch, writer, workdir)` every `every` steps and after the last step
+    (reconstructions, samples)."""
+    every: int
+    fn: Callable[[int, Any, dict], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What a job brings to the runner.
+
+    init: rng -> state whose parameters are boxed with logical axis names (nn.Partitioned); the
+      runner derives every leaf's sharding from them (optimizer / EMA leaves follow their param).
+    step: (state, global batch, consts) -> (state, metrics), pure; None for a job that only
+      evaluates. Metrics may hold `nonfinite_in_a_row` (the runner aborts past train.max_nonfinite).
+    data: () -> this process's iterator of NumPy batches (a grain iterator: checkpointed with the
+      state); None without a step.
+    consts: arrays the step reads but never updates (LPIPS weights, a frozen tokenizer), placed.
+    start: state -> state after a fresh init (init_from); not called on a restore.
+    eval_target / eval_params: what `config.evals` evaluators are built on, and the state -> params
+      they score. export: (state, folder) at the end (process 0 writes).
+    """
+    config: ml_collections.ConfigDict
+    init: Callable[[jax.Array], Any]
+    step: Callable | None = None
+    data: Callable[[], Iterator[dict]] | None = None
+    consts: Any = None
+    start: Callable[[Any], Any] | None = None
+    hooks: Sequence[Hook] = ()
+    eval_target: Any = None
+    eval_params: Callable[[Any], Any] = lambda state: state.params
+    export: Callable[[Any, str], None] | None = None
+    model: Any = None  # the Flax module the job trains (for hooks, benchmarks and tests)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """A job with its mesh, state layout and compiled functions (drive it inside `scope`)."""
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    job: Job
+    shardings: Any  # of the state
+    init: Callable  # rng -> sharded state
+    step: Callable | None  # jitted (state, global batch, consts) -> (state, metrics), donates the state
+
+    @property
+    def model(self):
+        return self.job.model
+
+    @property
+    def consts(self):
+        return self.job.consts
+
+
+def job_module(config: ml_collections.ConfigDict):
+    if config.job not in JOBS:
+        raise ConfigError(f"job={config.job!r}: expected one of {sorted(JOBS)}")
+    return importlib.import_module(JOBS[config.job])
+
+
+def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes: int = 1):
+    """Every problem of the config in one message, each on its own line (before any compile)."""
+    try:
+        config_lib.check_fields(config, config_lib.default_config(config.get("job", "pretrain")))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    errs = job_module(config).validate(config, n_batch_shards, n_processes)
+    from vtp_jax.evals import evaluator
+
+    errs += evaluator.validate(config)
+    if errs:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
+
+
+def measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
+    """float32 matmul FLOP/s of this host, the CPU 'peak' that MFU is measured against."""
+    a = jax.numpy.ones((n, n), jax.numpy.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(devices) -> float:
+    """Machine peak FLOP/s over `devices` (CPU: one measured host matmul peak)."""
+    kind = devices[0].device_kind
+    if devices[0].platform == "cpu":
+        return measure_cpu_peak()
+    per = next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
+    if per is None:
+        logging.warning("no peak FLOP/s known for %r: MFU not reported", kind)
+        return float("nan")
+    return per * len(devices)
+
+
+def compiled_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def state_shardings(abstract_boxed_state, mesh):
+    """Params by their logical names; leaves shaped like a parameter (teacher / EMA twins,
+    optimizer moments) found at the same path suffix like that parameter; the rest replicated."""
+    boxed_leaves = jax.tree_util.tree_flatten_with_path(
+        abstract_boxed_state, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+    boxed = {tuple(map(str, p)): x for p, x in boxed_leaves if isinstance(x, nn.Partitioned)}
+    by_suffix = {}
+    for path, box in boxed.items():
+        sh = sharding.logical_shardings(box, mesh)
+        for i in range(len(path)):  # a path inside the params, e.g. ('trunk', 'blocks_0', ...)
+            by_suffix.setdefault(path[i:], (box.value.shape, sh))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def like_param(path, x):
+        path = tuple(map(str, path))
+        for i in range(len(path)):
+            shape_sh = by_suffix.get(path[i:])
+            if shape_sh is not None and shape_sh[0] == x.shape:
+                return shape_sh[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(like_param, nn.meta.unbox(abstract_boxed_state))
+
+
+def build(config: ml_collections.ConfigDict, mesh=None) -> Trainer:
+    """Validates the config, then builds the job, the mesh, the sharded state layout and the
+    jitted step. Call `init` / `step` inside `with scope(trainer)`."""
+    mesh = mesh or sharding.make_mesh(config.train.mesh)
+    validate(config, sharding.batch_size_of(mesh), jax.process_count())
+    config = config.copy_and_resolve_references()
+    job = job_module(config).make_job(config, mesh)
+    shardings = state_shardings(jax.eval_shape(job.init, jax.random.key(0)), mesh)
+    init = jax.jit(lambda r: nn.meta.unbox(job.init(r)), out_shardings=shardings)
+    step = None
+    if job.step is not None:
+        step = jax.jit(job.step, in_shardings=(shardings, None, None), out_shardings=(shardings, None),
+                       donate_argnums=0)
+    return Trainer(config, mesh, job, shardings, init, step)
+
+
+@contextlib.contextmanager
+def scope_of(mesh):
+    """The mesh (for shard_map'd losses) and the logical-axis rules (for activation constraints)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        yield
+
+
+def scope(trainer: Trainer):
+    return scope_of(trainer.mesh)
+
+
+class Preemption:
+    """SIGTERM (TPU maintenance, SLURM time limit) -> save at the next step boundary, exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, *_):
+        self.requested = True
+
+    def reached(self, step: int, manager: ocp.CheckpointManager) -> bool:
+        # Multi-host: orbax agrees on a common step through JAX's preemption sync manager.
+        return self.requested or (jax.process_count() > 1 and manager.reached_preemption(step))
+
+
+def _save(manager, step, state, data_iter):
+    items = dict(state=ocp.args.StandardSave(state))
+    if data_iter is not None:
+        from vtp_jax.data import pipeline
+
+        items["data"] = pipeline.checkpoint_save_args(data_iter)
+    manager.save(step, args=ocp.args.Composite(**items))
+
+
+def _restore(manager, step, abstract_state, data_iter):
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if data_iter is not None:
+        from vtp_jax.data import pipeline
+
+        items["data"] = pipeline.checkpoint_restore_args(data_iter)
+    return manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs the job until config.train.steps; returns the last logged metrics (host floats) and
+    the last evaluation's results."""
+    workdir = os.path.abspath(workdir)
+    mesh = sharding.make_mesh(config.train.mesh)
+    validate(config, sharding.batch_size_of(mesh), jax.process_count())
+    module = job_module(config)
+    if hasattr(module, "prepare"):  # work a job needs done before it can be built (the DiT's latents)
+        config = module.prepare(config, workdir)
+    tr = build(config, mesh)
+    config, mesh, job = tr.config, tr.mesh, tr.job
+    t = config.train
+    steps = t.steps if job.step is not None else 0
+    rng = jax.random.key(config.seed)
+    with scope(tr):
+        data_iter = job.data() if job.data is not None and steps else None
+        manager = ocp.CheckpointManager(
+            os.path.join(workdir, "checkpoints"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints, enable_async_checkpointing=True,
+                                                 create=True))
+        latest = manager.latest_step() if steps else None
+        if latest is not None:
+            abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                          jax.eval_shape(tr.init, rng), tr.shardings)
+            state = _restore(manager, latest, abstract_state, data_iter)
+            logging.info("restored step %d from %s", latest, manager.directory)
+        else:
+            state = tr.init(rng)
+            if job.start is not None:
+                state = job.start(state)
+
+        writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+        if jax.process_index() == 0:  # what the eval job and the study read back
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=1))
+        if latest is None:
+            writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
+            if job.step is not None:
+                parameter_overview.log_parameter_overview(job.eval_params(state))
+        start = int(state.step) if hasattr(state, "step") else 0
+        from vtp_jax.evals import evaluator
+
+        evaluators = evaluator.build(config, job.eval_target, mesh)
+        results = {}
+
+        def evaluate(step, all_of_them=False):
+            out = {}
+            for name, ev in evaluators.items():
+                if all_of_them or step == steps or (ev.every and step % ev.every == 0):
+                    t0 = time.perf_counter()
+                    out.update({f"{ev.prefix}/{k}" if ev.prefix else k: v
+                                for k, v in ev.run(job.eval_params(state)).items()})
+                    logging.info("evaluator %s at step %d took %.1f s", name, step, time.perf_counter() - t0)
+            if out:
+                writer.write_scalars(step, out)
+            return out
+
+        preempt = Preemption()
+        hooks = [periodic_actions.ReportProgress(num_train_steps=steps, writer=writer)]
+        if t.profile_steps and jax.process_index() == 0:
+            hooks.append(periodic_actions.Profile(num_profile_steps=t.profile_steps, logdir=workdir,
+                                                  first_profile=start + 3))
+        job_hooks = [periodic_actions.PeriodicCallback(every_steps=h.every, on_steps=[steps],
+                                                       callback_fn=lambda step, t, fn=h.fn, **kw: fn(step, **kw))
+                     for h in job.hooks if h.every]
+        if t.eval_at_start and start == 0 and steps:  # the "before" numbers (W/metrics_start.json)
+            _write_json(os.path.join(workdir, "metrics_start.json"), evaluate(0, all_of_them=True))
+        metrics, compiled, flops, peak, last_t = {}, None, float("nan"), float("nan"), None
+        for step in range(start, steps):
+            batch = sharding.global_batch(next(data_iter), mesh) if data_iter is not None else None
+            if compiled is None:
+                compiled = tr.step.lower(state, batch, job.consts).compile()
+                flops = compiled_flops(compiled) * len(jax.devices())
+                peak = peak_flops(jax.devices())
+                logging.info("train step: %.3g FLOPs per step (XLA cost analysis), peak %.3g FLOP/s", flops, peak)
+                last_t = time.perf_counter()
+            state, metrics = compiled(state, batch, job.consts)
+            done = step + 1
+            for h in hooks:
+                h(done)
+            for h in job_hooks:
+                h(done, state=state, batch=batch, writer=writer, workdir=workdir)
+            if done % t.log_every == 0 or done == steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                step_time = (now - last_t) / (done - max(start, done - t.log_every))
+                last_t = now
+                metrics["mfu"] = flops / step_time / peak
+                if hasattr(data_iter, "counters"):
+                    metrics.update({f"data/{k}": v for k, v in data_iter.counters().items()})
+                writer.write_scalars(done, metrics)
+                if metrics.get("nonfinite_in_a_row", 0) >= t.max_nonfinite:
+                    raise FloatingPointError(
+                        f"{int(metrics['nonfinite_in_a_row'])} non-finite steps in a row at step {done} (limit "
+                        f"train.max_nonfinite={t.max_nonfinite}); last finite checkpoint: {manager.latest_step()}")
+            results.update(evaluate(done) if done < steps else {})
+            if preempt.reached(done, manager):
+                _save(manager, done, state, data_iter)
+                manager.wait_until_finished()
+                logging.warning("preempted: checkpoint at step %d saved, exiting", done)
+                writer.flush()
+                raise SystemExit(0)
+            if done % t.checkpoint_every == 0 or done == steps:
+                _save(manager, done, state, data_iter)
+        manager.wait_until_finished()
+        results.update(evaluate(steps))
+        if results:
+            _write_json(os.path.join(workdir, "metrics.json"), results)
+        if job.export is not None:
+            job.export(state, os.path.join(workdir, "export"))
+        writer.flush()
+    return {**metrics, **results}
+
+
+def _write_json(path, metrics):
+    if jax.process_index() == 0 and metrics:
+        with open(path, "w") as f:
+            json.dump({k: float(v) for k, v in metrics.items()}, f, indent=1, sort_keys=True)
