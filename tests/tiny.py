@@ -25,6 +25,7 @@ def get_config(name="demo"):
     d.image_size, d.global_crops_size, d.local_crops_size, d.local_crops_number = 16, 16, 8, 2
     d.procedural_size = 16
     d.batch_clip, d.batch_ssl, d.batch_rec = 16, 8, 8
+    c.evals = {}  # the demo's evaluators have their own tests (test_evals.py)
     c.objectives.lpips_weight = 0.0
     c.optim.warmup_steps, c.optim.lr = 0, 1e-3  # the very first update is a real one
     # Adam's eps at 1e-6 turns near-zero gradients into +-lr updates, so reduction-order noise
