@@ -71,6 +71,7 @@ def test_step_losses_match_numpy_rederivation(centering):
     c.objectives.centering = centering
     c.objectives.l_rec, c.objectives.l_ssl, c.objectives.l_clip = 0.7, 1.3, 0.9  # distinct lambdas
     c.objectives.dino_weight, c.objectives.ibot_weight, c.objectives.koleo_weight = 1.1, 0.8, 0.3
+    c.objectives.center_momentum = 0.9  # DINOv2's (the demo uses 0): both terms of the EMA matter
     tr = runner.build(c, sharding.make_mesh((1, 1, 1)))
     o, model = tr.config.objectives, tr.model
     batch = pretrain.synthetic_batch(tr.config, seed=3)
@@ -108,16 +109,18 @@ def test_step_losses_match_numpy_rederivation(centering):
     t_cls = head(teacher, tf["cls"]).reshape(b, 2, k)
     s_cls = head(student, sf["cls"]).reshape(b, 2, k)
     s_loc = head(student, lf["cls"]).reshape(b, n_loc, k)
-    t_pat = head(teacher, tf["patches"].reshape(-1, tf["patches"].shape[-1])).reshape(b, 2, n_patch, k)
-    s_pat = head(student, sf["patches"].reshape(-1, sf["patches"].shape[-1])).reshape(b, 2, n_patch, k)
     mk = masks.reshape(b, 2, n_patch)
     assert mk.any() and not mk.all() and m["ibot_dropped"] == 0
+    # The head sees the masked patches only (its BatchNorm statistics are over those rows).
+    t_pat, s_pat = np.zeros((b, 2, n_patch, k)), np.zeros((b, 2, n_patch, k))
+    t_pat[mk] = head(teacher, tf["patches"].reshape(b, 2, n_patch, -1)[mk])
+    s_pat[mk] = head(student, sf["patches"].reshape(b, 2, n_patch, -1)[mk])
 
     temp = o.warmup_teacher_temp  # step 0 of the teacher-temperature warm-up
     assert m["teacher_temp"] == pytest.approx(temp)
     if centering == "centering":
         t_p = softmax((t_cls - centers[0]) / temp)
-        tp_p = softmax((t_pat - centers[1]) / temp)
+        tp_p = np.where(mk[..., None], softmax((t_pat - centers[1]) / temp), 0.0)
     else:  # over all 2B global rows; iBOT over the masked patches of the whole batch only
         t_p = sinkhorn(t_cls.reshape(2 * b, k), temp).reshape(b, 2, k)
         tp_p = np.zeros_like(t_pat)
