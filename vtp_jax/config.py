@@ -270,9 +270,9 @@ def study_config() -> ml_collections.ConfigDict:
     c.classifier = ml_collections.ConfigDict()
     c.classifier.seed = 100  # procedural streams 100 (train) and 101 (validation): unseen elsewhere
     c.classifier.num_train, c.classifier.num_val = 8192, 2048
-    c.classifier.image_size = 64  # rendered at the tokenizers' size (the network resizes to 32)
+    c.classifier.image_size = 64  # rendered at the tokenizers' size (the network's stem strides to 32)
     c.classifier.width = 16
-    c.classifier.steps, c.classifier.batch_size, c.classifier.lr = 800, 128, 3e-3
+    c.classifier.steps, c.classifier.batch_size, c.classifier.lr = 600, 64, 3e-3  # ~98% top-1, ~2.5 CPU-min
     return c
 
 
