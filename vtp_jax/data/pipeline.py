@@ -15,7 +15,7 @@ Only the B_ssl sampled pairs pay for DINOv2 multi-crop and only the B_rec pairs 
 reconstruction crop; when the CLIP view is off, records are still read B_clip at a time (the
 sub-batches are drawn from them) but not tokenized.
 
-Checkpointing with orbax (what `vtp_jax.train.loop` does):
+Checkpointing with orbax (what `vtp_jax.train.runner` does):
 
     manager.save(step, args=ocp.args.Composite(state=..., data=checkpoint_save_args(it)))
     manager.restore(step, args=ocp.args.Composite(state=..., data=checkpoint_restore_args(it)))

@@ -1,1 +1,2 @@
-"""Evaluation metrics for generated images (FID), computed on device and reduced on the host."""
+"""Evaluators a tokenizer or a DiT is judged by (FID / IS, reconstruction, zero-shot, probes,
+generation by class), named in `config.evals` and run by the runner or the standalone eval job."""
