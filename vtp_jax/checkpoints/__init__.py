@@ -1,1 +1,42 @@
-"""Weight import: released VTP checkpoints and torch-layout weight files."""
+"""Weight import: released VTP checkpoints and torch-layout weight files.
+
+The two checks every converted weight file (LPIPS VGG16, FID Inception) goes through live here,
+so each model module only states its expected shapes and its name."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def check_shapes(params, want: dict, source: str, what: str) -> None:
+    """One ValueError listing every missing, unexpected or mis-shaped parameter of `params`
+    against `want` ({'a/b/kernel': shape})."""
+    from flax import traverse_util
+
+    got = traverse_util.flatten_dict(params, sep="/") if isinstance(params, dict) else {}
+    problems = [f"missing {k} {want[k]}" for k in want if k not in got]
+    problems += [f"unexpected {k}" for k in got if k not in want]
+    problems += [f"{k}: shape {tuple(np.shape(got[k]))}, expected {want[k]}"
+                 for k in want if k in got and tuple(np.shape(got[k])) != want[k]]
+    if problems:
+        raise ValueError(f"{source}: not {what} params: " + "; ".join(problems))
+
+
+def load_converted(path: str, check, what: str, how_to: str):
+    """A converted Flax msgpack weight file as a float32 pytree, `check(params, path)`-ed; a
+    missing or unreadable file is one error that says how to make it (`how_to`)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import serialization
+
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} weights file {path!r} does not exist. {how_to}")
+    with open(path, "rb") as f:
+        blob = f.read()
+    try:
+        params = serialization.msgpack_restore(blob)
+    except Exception as e:  # msgpack raises several unrelated types on garbage.
+        raise ValueError(f"{path}: not a Flax msgpack params file ({type(e).__name__}: {e}). {how_to}") from e
+    check(params, path)
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 from absl import logging
-from flax import serialization
 
+from vtp_jax.checkpoints import load_converted
 from vtp_jax.models import inception as inception_lib
 
 __all__ = ["inception_input", "inception_features", "inception_logits", "load_inception_params", "BatchMoments",
@@ -72,17 +72,7 @@ def inception_logits(params, images, dtype=jnp.float32):
 
 def load_inception_params(path: str):
     """The FID Inception params from a converted file, checked against the module's shapes."""
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"FID Inception weights file {path!r} does not exist. {_HOW_TO_CONVERT}")
-    with open(path, "rb") as f:
-        blob = f.read()
-    try:
-        params = serialization.msgpack_restore(blob)
-    except Exception as e:  # msgpack raises several unrelated types on garbage.
-        raise ValueError(f"{path}: not a Flax msgpack params file ({type(e).__name__}: {e}). "
-                         f"{_HOW_TO_CONVERT}") from e
-    inception_lib.check_params(params, path)
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    return load_converted(path, inception_lib.check_params, "FID Inception", _HOW_TO_CONVERT)
 
 
 class BatchMoments(NamedTuple):

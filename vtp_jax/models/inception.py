@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vtp_jax.checkpoints import check_shapes
+
 from vtp_jax.models.layers import param_with_axes
 
 Dtype = Any
@@ -239,11 +241,4 @@ def param_shapes() -> dict[str, tuple[int, ...]]:
 
 def check_params(params, source: str) -> None:
     """Raise one error listing every missing, unexpected or mis-shaped FID Inception parameter."""
-    want = param_shapes()
-    got = traverse_util.flatten_dict(params, sep="/") if isinstance(params, dict) else {}
-    problems = [f"missing {k} {want[k]}" for k in want if k not in got]
-    problems += [f"unexpected {k}" for k in got if k not in want]
-    problems += [f"{k}: shape {tuple(np.shape(got[k]))}, expected {want[k]}"
-                 for k in want if k in got and tuple(np.shape(got[k])) != want[k]]
-    if problems:
-        raise ValueError(f"{source}: not FID Inception-v3 params: " + "; ".join(problems))
+    check_shapes(params, param_shapes(), source, "FID Inception-v3")

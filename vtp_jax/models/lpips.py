@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vtp_jax.checkpoints import check_shapes
+
 Dtype = Any
 
 # Output widths of the convs of each VGG16 block; a 2x2 max-pool precedes blocks 2-5.
@@ -93,11 +95,4 @@ def param_shapes() -> dict[str, tuple[int, ...]]:
 
 def check_params(params, source: str) -> None:
     """Raise one error listing every missing, unexpected or mis-shaped LPIPS parameter."""
-    want = param_shapes()
-    got = traverse_util.flatten_dict(params, sep="/") if isinstance(params, dict) else {}
-    problems = [f"missing {k} {want[k]}" for k in want if k not in got]
-    problems += [f"unexpected {k}" for k in got if k not in want]
-    problems += [f"{k}: shape {tuple(np.shape(got[k]))}, expected {want[k]}"
-                 for k in want if k in got and tuple(np.shape(got[k])) != want[k]]
-    if problems:
-        raise ValueError(f"{source}: not LPIPS-VGG16 params: " + "; ".join(problems))
+    check_shapes(params, param_shapes(), source, "LPIPS-VGG16")

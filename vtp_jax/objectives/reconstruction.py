@@ -6,12 +6,11 @@ needs torch.
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
-from flax import serialization
 
+from vtp_jax.checkpoints import load_converted
 from vtp_jax.models import lpips as lpips_lib
 
 __all__ = ["l1_loss", "lpips", "reconstruction_loss", "load_lpips_params"]
@@ -55,14 +54,4 @@ def reconstruction_loss(lpips_params, x, y, l1_weight=1.0, lpips_weight=1.0, dty
 
 def load_lpips_params(path: str):
     """The LPIPS params pytree from a converted file, checked against the module's shapes."""
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"LPIPS weights file {path!r} does not exist. {_HOW_TO_CONVERT}")
-    with open(path, "rb") as f:
-        blob = f.read()
-    try:
-        params = serialization.msgpack_restore(blob)
-    except Exception as e:  # msgpack raises several unrelated types on garbage.
-        raise ValueError(f"{path}: not a Flax msgpack params file ({type(e).__name__}: {e}). "
-                         f"{_HOW_TO_CONVERT}") from e
-    lpips_lib.check_params(params, path)
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    return load_converted(path, lpips_lib.check_params, "LPIPS", _HOW_TO_CONVERT)
