@@ -3,7 +3,7 @@
   python benchmarks/train_step.py --sizes demo vtp_s --batch 8 --steps 3
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/train_step.py --sizes --memory vtp_l --meshes 1,8,1 1,4,2
 
-MFU = XLA cost-analysis FLOPs of the compiled step / (step time x peak), the peak being the
+MFU = the step's matmul FLOPs (runner.model_flops) / (step time x peak), the peak being the
 device table in vtp_jax.train.runner or, on CPU, a float32 matmul measured in the same run.
 --memory reports the per-device train state on every fsdp size and compiles (never runs) the step
 with the real shapes at a small batch on each --meshes (data,fsdp,tensor) mesh, reporting the
@@ -43,7 +43,7 @@ def throughput(name, batch, steps, image, dtype):
         state = tr.init(jax.random.key(0))
         batch_arrays = sharding.global_batch(pretrain.synthetic_batch(tr.config), tr.mesh)
         compiled = tr.step.lower(state, batch_arrays, tr.consts).compile()
-        flops = runner.compiled_flops(compiled) * jax.device_count()
+        flops = runner.model_flops(tr.step, state, batch_arrays, tr.consts)
         state, m = compiled(state, batch_arrays, tr.consts)
         jax.block_until_ready(m)
         t = time.perf_counter()

@@ -316,3 +316,40 @@ def test_lightningdit_state_dict_round_trip_with_scan():
     assert_trees_equal(stacked, stack_blocks(params))
     back = ld.to_state_dict(hp_s, stacked)
     assert_trees_equal(back, official)
+
+
+def test_model_flops_counts_every_scanned_layer_in_closed_form():
+    """MFU's numerator: a scan body counts `length` times (XLA's cost analysis counts it once),
+    convolutions and cond branches in closed form, shard_map bodies once per device."""
+    from vtp_jax.train.runner import model_flops
+
+    b, d, depth = 4, 16, 5
+    x, w = jnp.ones((b, d)), jnp.ones((depth, d, d))
+    scanned = lambda x, w: jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0]  # noqa: E731
+
+    def unrolled(x, w):
+        for i in range(depth):
+            x = jnp.tanh(x @ w[i])
+        return x
+
+    assert model_flops(scanned, x, w) == model_flops(unrolled, x, w) == 2 * b * d * d * depth
+    img, k = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
+    conv = lambda a: jax.lax.conv_general_dilated(a, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
+    assert model_flops(conv, img) == 2 * (2 * 8 * 8 * 5) * (3 * 3 * 3)
+    branchy = lambda x, w: jax.lax.cond(x[0, 0] > 0, lambda: x @ w[0] @ w[1], lambda: x @ w[0])  # noqa: E731
+    assert model_flops(branchy, x, w) == 2 * 2 * b * d * d
+    grad = jax.grad(lambda w: jnp.sum(scanned(x, w)))
+    assert model_flops(grad, w) == 3 * 2 * b * d * d * depth  # forward + two backward matmuls per layer
+    mesh = sharding.make_mesh((8, 1, 1))
+    xs = jnp.ones((8 * b, d))
+    local = jax.shard_map(lambda a: a @ w[0], mesh=mesh, in_specs=P(("data", "fsdp")), out_specs=P(("data", "fsdp")))
+    assert model_flops(local, xs) == 2 * 8 * b * d * d
+
+
+def test_model_flops_of_the_vtp_forward_do_not_depend_on_scan(unrolled_params):
+    from vtp_jax.train.runner import model_flops
+
+    x = inputs()[0]
+    counts = [model_flops(lambda p, x, m=VTP(tiny_config(s)): m.apply({"params": p}, x, method=VTP.encode), params, x)
+              for s, params in ((False, unrolled_params), (True, stack_blocks(unrolled_params)))]
+    assert counts[0] == counts[1] > 0
