@@ -1,6 +1,7 @@
 """Train-step throughput and MFU per model size, and per-device state memory vs fsdp.
 
   python benchmarks/train_step.py --sizes demo vtp_s --batch 8 --steps 3
+  python benchmarks/train_step.py --sizes --dit XL --dit-batch 32 --dtype bfloat16     # LightningDiT step
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/train_step.py --sizes --memory vtp_l --meshes 1,8,1 1,4,2
 
 MFU = the step's matmul FLOPs (runner.model_flops) / (step time x peak), the peak being the
@@ -57,6 +58,45 @@ def throughput(name, batch, steps, image, dtype):
             f"{c.data.batch_rec}): {batch / dt:.2f} img/s, {dt * 1e3:.0f} ms/step, {flops / 1e9:.1f} GFLOP/step, "
             f"{flops / dt / 1e9:.1f} GFLOP/s achieved / {peak / 1e9:.0f} peak = MFU {flops / dt / peak:.1%}; "
             f"procedural data pipeline (in-process) {1 / data_dt:.2f} batches/s = {dt / data_dt:.2f}x the step's need")
+
+
+def dit_throughput(size, batch, steps, dtype, latent=(16, 16, 64)):
+    """LightningDiT train step (configs/dit_xl_vtp_l.py's recipe at `size`) on synthetic latents."""
+    import flax
+
+    from vtp_jax.models import dit as dit_lib
+    from vtp_jax.train import dit, optim
+
+    c = load_config("dit_xl_vtp_l")
+    c.dit.size, c.dit.dtype, c.dit.batch_size = size, dtype, batch
+    c.train.mesh = (-1, 1, 1)
+    model = dit.model_from(c, {"shape": list(latent), "num_classes": 1000})
+    mesh = sharding.make_mesh(c.train.mesh)
+    tx = optim.make_optimizer(c.optim, jax.eval_shape(lambda: dit_lib.init_params(model, jax.random.key(0))),
+                              c.train.steps, depth=0)
+    shardings = runner.state_shardings(jax.eval_shape(lambda: dit.init_state(model, tx, jax.random.key(0))), mesh)
+    rng = np.random.default_rng(0)
+    batch_arrays = sharding.global_batch({"latent": rng.standard_normal((batch, *latent), np.float32),
+                                          "latent_flip": rng.standard_normal((batch, *latent), np.float32),
+                                          "label": rng.integers(0, 1000, batch).astype(np.int32)}, mesh)
+    consts = (np.zeros(latent[-1], np.float32), np.ones(latent[-1], np.float32))
+    with runner.scope_of(mesh):
+        state = jax.jit(lambda: flax.linen.meta.unbox(dit.init_state(model, tx, jax.random.key(0))),
+                        out_shardings=shardings)()
+        step = jax.jit(dit.make_train_step(c, model, tx), in_shardings=(shardings, None, None),
+                       out_shardings=(shardings, None), donate_argnums=0)
+        flops = runner.model_flops(step, state, batch_arrays, consts)
+        state, m = step(state, batch_arrays, consts)
+        jax.block_until_ready(m)
+        t = time.perf_counter()
+        for _ in range(steps):
+            state, m = step(state, batch_arrays, consts)
+        jax.block_until_ready(m)
+        dt = (time.perf_counter() - t) / steps
+    peak = runner.peak_flops(jax.devices())
+    return (f"LightningDiT-{size} ({dtype}, latents {'x'.join(map(str, latent))}, batch {batch}): {batch / dt:.2f} "
+            f"img/s, {dt * 1e3:.0f} ms/step, {flops / 1e9:.1f} GFLOP/step, {flops / dt / 1e9:.1f} GFLOP/s achieved / "
+            f"{peak / 1e9:.0f} peak = MFU {flops / dt / peak:.1%}")
 
 
 def pipeline_seconds_per_batch(config, n):
@@ -142,8 +182,11 @@ def main():
     ap.add_argument("--memory", nargs="*", default=[], help="sizes for per-device memory (state, compiled step)")
     ap.add_argument("--meshes", nargs="*", default=["1,8,1"], help="(data,fsdp,tensor) meshes --memory compiles on")
     ap.add_argument("--encode", nargs="*", default=[], help="sizes for encode / decode throughput")
+    ap.add_argument("--dit", nargs="*", default=[], help="LightningDiT sizes (S, B, L, XL, ...) for step MFU")
+    ap.add_argument("--dit-batch", type=int, default=8)
     args = ap.parse_args()
     lines = [throughput(s, args.batch, args.steps, args.image, args.dtype) for s in args.sizes]
+    lines += [dit_throughput(s, args.dit_batch, args.steps, args.dtype) for s in args.dit]
     for s in args.memory:
         lines += memory(s, 1, args.image, [tuple(map(int, m.split(","))) for m in args.meshes])
     lines += [encode_decode(s, 2, args.image or 256) for s in args.encode]
