@@ -28,6 +28,10 @@ def test_findings_compare_gaps_with_the_spread():
     lines = "\n".join(study.findings(summary))
     assert "VTP's latents give better generation than the AE's: held" in lines
     assert "VTP's samples are closer to real images than the AE's: did NOT hold" in lines  # higher frechet is worse
+    assert "cannot separate" not in lines
+    for r in rows:  # no tokenizer's reconstructions recognisable: gen_accuracy's ceiling is chance
+        r["recon_accuracy"] = 0.02
+    assert "gen_accuracy cannot separate the tokenizers" in "\n".join(study.findings(study.summarize(rows)))
 
 
 @pytest.mark.slow
