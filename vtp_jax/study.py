@@ -331,8 +331,8 @@ def plot(path: str, summary: list[dict]):
     # gen_frechet, not gen_accuracy, on the y axes: it separates tokenizers even where the
     # classifier cannot name the class of any tokenizer's images (recon_accuracy near chance).
     axes[0].set(xlabel="understanding: linear probe top-1 (bottleneck latent)",
-                ylabel="generation: Frechet distance, domain features (lower is better)", title="generation vs understanding")
-    axes[1].set(xlabel="reconstruction: PSNR (dB)", ylabel="generation: Frechet distance, domain features (lower is better)",
+                ylabel="domain Frechet distance (lower: better)", title="generation vs understanding")
+    axes[1].set(xlabel="reconstruction: PSNR (dB)", ylabel="domain Frechet distance (lower: better)",
                 title="generation vs reconstruction")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
