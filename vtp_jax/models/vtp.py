@@ -119,11 +119,12 @@ class PixelDecoder(RopeTransformer):
     def __call__(self, latents, drop_rate: float = 0.0):
         b, h, w, _ = latents.shape
         p = self.patch_size
-        x = dense(self.width, (None, "embed"), dtype=self.dtype, name="proj_in")(latents.astype(self.dtype))
+        x = dense(self.width, (None, "embed"), std=latents.shape[-1] ** -0.5, dtype=self.dtype,
+                  name="proj_in")(latents.astype(self.dtype))
         x = x.reshape(b, h * w, self.width)
         x, _ = self.blocks(x, h, w, drop_rate)
         x = norm_layer(self.norm, name="norm", dtype=self.dtype)(x)
-        x = dense(3 * p * p, ("embed", None), dtype=self.dtype, name="proj_out")(x)
+        x = dense(3 * p * p, ("embed", None), std=self.width ** -0.5, dtype=self.dtype, name="proj_out")(x)
         x = x.reshape(b, h, w, 3 * p * p)
         return einops.rearrange(x, "b h w (c i j) -> b (h i) (w j) c", i=p, j=p).astype(jnp.float32)
 
@@ -185,7 +186,10 @@ class VTP(nn.Module):
                       attention=c.attention, dtype=dtype, scan_layers=c.scan_layers)
         self.trunk = Encoder(c.width, c.depth, c.num_heads, mlp=c.mlp, mlp_ratio=c.mlp_ratio, norm=c.norm,
                              qk_norm=c.qk_norm, layerscale=c.layerscale, n_registers=c.n_registers, **shared)
-        self.feature_bottleneck = dense(c.latent_dim, ("embed", None), use_bias=False, dtype=dtype)
+        # The latent's maps in and out (bottleneck, decoder proj_in / proj_out) are fan-in scaled,
+        # not N(0, 0.02) as the blocks: at 0.02 a 16-64-d latent reaches the decoder ~10x weakened and
+        # an autoencoder sits for hundreds of steps on grey mean images (RESULTS.md, "colour").
+        self.feature_bottleneck = dense(c.latent_dim, ("embed", None), use_bias=False, std=c.width ** -0.5, dtype=dtype)
         d = c.decoder
         if d.depth:
             self.pixel_decoder = PixelDecoder(d.width, d.depth, d.num_heads, mlp=d.mlp, mlp_ratio=d.mlp_ratio,
