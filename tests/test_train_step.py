@@ -242,6 +242,7 @@ def test_autoencoder_learns_object_colour():
     drew every object as a grey blob for hundreds of steps. Overfitting 16 one-object scenes, the
     reconstructions must carry the objects' colour (chroma = max - min over RGB on object pixels:
     0.57 real; 0.12 after 150 steps, against 0.02 with the 0.02 init)."""
+    import flax
     import optax
 
     from vtp_jax.data import procedural
@@ -254,8 +255,7 @@ def test_autoencoder_learns_object_colour():
     mean, std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
     x = jax.numpy.asarray((images - mean) / std, np.float32)
     model = VTP(m)
-    params = jax.tree.map(lambda b: getattr(b, "value", b), model.init(jax.random.key(0), x[:1])["params"],
-                          is_leaf=lambda b: hasattr(b, "value"))
+    params = flax.linen.meta.unbox(model.init(jax.random.key(0), x[:1])["params"])
     tx = optax.adam(1e-3)
 
     def l1(p):
