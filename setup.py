@@ -1,5 +1,48 @@
-"""vtp-jax: VTP visual tokenizer pre-training and evaluation in JAX/Flax."""
+"""vtp-jax: VTP visual tokenizer pre-training and evaluation in JAX/Flax.
+
+`pip install -e .` is the core: the released models in JAX (`vtp_jax.load_pretrained`: encode,
+decode, features, CLIP towers) and `python -m vtp_jax.reconstruct`, with no TensorFlow. Extras:
+  [train]  every job (`python -m vtp_jax.main`): pipeline, checkpoints, metrics, gs:// storage
+  [eval]   the same packages the evaluators and the DiT sampler need (an alias of [train])
+  [hub]    released weights by Hugging Face hub id (MiniMaxAI/VTP-Large-f16d64)
+  [torch]  converting torch weight files (LPIPS VGG16, FID Inception, LightningDiT .pt)
+  [test]   what the test suite needs: [train] + [hub] + pytest and a local GCS emulator
+"""
 from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.7",
+    "flax>=0.10",
+    "numpy>=1.26",
+    "ml_collections>=1.0",
+    "einops>=0.8",
+    "safetensors>=0.4",
+    "ml_dtypes>=0.5",
+    "msgpack",
+    "pillow>=10",
+    "ftfy>=6",  # the CLIP tokenizer's text cleaning
+    "regex",
+    "etils[epath]>=1.7",  # the path layer (local, gs://)
+    "absl-py",
+]
+TRAIN = [
+    "optax>=0.2.5",  # optax.tree.norm
+    "orbax-checkpoint>=0.11",
+    "grain>=0.2.10",
+    "array_record>=0.5",
+    "tensorflow-datasets>=4.9.7",
+    "clu>=0.0.12",
+    "scipy>=1.11",  # FID's matrix square root
+    "diffrax>=0.6",  # the adaptive (dopri5) ODE sampler of vtp_jax.sampling
+    "matplotlib",  # the study's figures
+    "tqdm",
+    "gcsfs",  # gs:// through etils.epath (fsspec)
+    # clu.metric_writers / periodic_actions and tfds import TensorFlow and TensorBoard.
+    "tensorflow-cpu>=2.16; platform_machine=='x86_64'",
+    "tensorflow>=2.16; platform_machine!='x86_64'",
+    "tensorboard>=2.16",
+]
+HUB = ["huggingface_hub>=0.20"]
 
 setup(
     name="vtp-jax",
@@ -7,39 +50,14 @@ setup(
     description="Pre-train VTP visual tokenizers (CLIP + DINOv2/iBOT + reconstruction) in JAX, "
     "load released VTP checkpoints, evaluate with a Flax LightningDiT.",
     packages=find_packages(include=["vtp_jax", "vtp_jax.*"]),
-    package_data={"vtp_jax.evals": ["data/*.txt"]},
+    package_data={"vtp_jax.data": ["assets/*"]},
     python_requires=">=3.10",
-    install_requires=[
-        "jax>=0.7",
-        "flax>=0.10",
-        "optax>=0.2.4",
-        "orbax-checkpoint>=0.11",
-        "grain>=0.2.10",
-        "tensorflow-datasets>=4.9.7",
-        "ml_collections>=1.0",
-        "clu>=0.0.12",
-        "einops>=0.8",
-        "safetensors>=0.4",
-        "array_record>=0.5",
-        "msgpack",
-        "ml_dtypes>=0.5",
-        "numpy>=1.26",
-        "scipy>=1.11",  # FID's matrix square root
-        "pillow>=10",
-        "ftfy>=6",
-        "regex",
-        "tqdm",
-        "absl-py",
-        "diffrax>=0.6",  # the adaptive (dopri5) ODE sampler of vtp_jax.sampling
-        "matplotlib",  # the study's figure
-        # clu.metric_writers / periodic_actions and tfds import TensorFlow and TensorBoard.
-        "tensorflow-cpu>=2.16; platform_machine=='x86_64'",
-        "tensorflow>=2.16; platform_machine!='x86_64'",
-        "tensorboard>=2.16",
-    ],
+    install_requires=CORE,
     extras_require={
-        "test": ["pytest>=8"],
-        # Only to convert torch weight files (LPIPS VGG, Inception) and for parity checks.
-        "torch": ["torch"],
+        "train": TRAIN,
+        "eval": TRAIN,
+        "hub": HUB,
+        "torch": ["torch"],  # only to convert torch weight files and for parity checks
+        "test": TRAIN + HUB + ["pytest>=8", "gcp-storage-emulator"],
     },
 )

@@ -24,11 +24,13 @@ import tempfile
 import time
 
 import jax
+from train_step import shaped
 
 from common import record
-from train_step import shaped
-from vtp_jax.train import pretrain, runner
+from vtp_jax import jobs
 from vtp_jax.data import pipeline, prepare
+from vtp_jax.jobs import pretrain
+from vtp_jax.train import runner
 
 
 def config(paths: str, batch: int, workers: int):
@@ -58,7 +60,7 @@ def flops_per_record(size: str, batch: int = 8) -> float:
     c = shaped(size, batch, None)
     c.model.dtype, c.model.remat, c.model.scan_layers = "bfloat16", "full", True
     c.train.mesh = (1, 1, 1)
-    tr = runner.build(c)
+    tr = jobs.build(c)
     spec = pretrain.batch_spec(tr.config)
     with runner.scope(tr):
         state = jax.eval_shape(tr.init, jax.random.key(0))

@@ -19,7 +19,9 @@ import jax
 import numpy as np
 
 from common import load_config, record
-from vtp_jax.train import pretrain, runner, sharding
+from vtp_jax import jobs, sharding
+from vtp_jax.jobs import pretrain
+from vtp_jax.train import runner
 
 
 def shaped(name: str, batch: int, image: int | None):
@@ -39,7 +41,7 @@ def throughput(name, batch, steps, image, dtype):
     c.model.dtype = dtype
     n = sharding.batch_size_of(sharding.make_mesh(c.train.mesh))
     c.data.batch_ssl, c.data.batch_rec = max(c.data.batch_ssl, n), max(c.data.batch_rec, n)
-    tr = runner.build(c)
+    tr = jobs.build(c)
     with runner.scope(tr):
         state = tr.init(jax.random.key(0))
         batch_arrays = sharding.global_batch(pretrain.synthetic_batch(tr.config), tr.mesh)
@@ -64,8 +66,9 @@ def dit_throughput(size, batch, steps, dtype, latent=(16, 16, 64)):
     """LightningDiT train step (configs/dit_xl_vtp_l.py's recipe at `size`) on synthetic latents."""
     import flax
 
+    from vtp_jax.jobs import dit
     from vtp_jax.models import dit as dit_lib
-    from vtp_jax.train import dit, optim
+    from vtp_jax.train import optim
 
     c = load_config("dit_xl_vtp_l")
     c.dit.size, c.dit.dtype, c.dit.batch_size = size, dtype, batch
@@ -74,7 +77,7 @@ def dit_throughput(size, batch, steps, dtype, latent=(16, 16, 64)):
     mesh = sharding.make_mesh(c.train.mesh)
     tx = optim.make_optimizer(c.optim, jax.eval_shape(lambda: dit_lib.init_params(model, jax.random.key(0))),
                               c.train.steps, depth=0)
-    shardings = runner.state_shardings(jax.eval_shape(lambda: dit.init_state(model, tx, jax.random.key(0))), mesh)
+    shardings = sharding.logical_shardings(jax.eval_shape(lambda: dit.init_state(model, tx, jax.random.key(0))), mesh)
     rng = np.random.default_rng(0)
     batch_arrays = sharding.global_batch({"latent": rng.standard_normal((batch, *latent), np.float32),
                                           "latent_flip": rng.standard_normal((batch, *latent), np.float32),
@@ -143,7 +146,7 @@ def memory(name, batch, image, compile_meshes=((1, 8, 1),)):
     def trainer(mesh_shape):
         c = shaped(name, 8 * batch * jax.device_count(), image)  # B_rec = one image per device
         c.model.dtype, c.model.remat, c.model.scan_layers = "bfloat16", "full", True
-        return c, runner.build(c, sharding.make_mesh(mesh_shape))
+        return c, jobs.build(c, sharding.make_mesh(mesh_shape))
 
     lines = []
     for fsdp in (1, 2, 4, 8):

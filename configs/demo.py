@@ -1,10 +1,11 @@
 """A tiny VTP that trains on a laptop CPU in minutes: all three objectives on the embedded
 procedural image-caption data, 64 px images, patch 8, width 192."""
-from vtp_jax import config as config_lib
+from vtp_jax import jobs
+from vtp_jax.evals import evaluator
 
 
 def get_config():
-    c = config_lib.default_config()
+    c = jobs.default_config("pretrain")
     m = c.model
     m.patch_size = 8
     m.width, m.depth, m.num_heads = 192, 4, 3
@@ -58,9 +59,9 @@ def get_config():
     # images: reconstruction, zero-shot over the 64 (colour, shape) classes, kNN on the latent.
     data = dict(source="procedural", procedural_size=64, image_size=64, batch_size=64, num_images=256,
                 num_train_images=1024)
-    c.evals.reconstruction = config_lib.evaluator("reconstruction", every=150, data=data)
-    c.evals.zero_shot = config_lib.evaluator("zero_shot", every=150, classes="procedural", data=dict(data, crop="squash"))
-    c.evals.knn = config_lib.evaluator("knn", every=150, features=("latent_pooled",), data=data)
+    c.evals.reconstruction = evaluator.entry("reconstruction", every=150, data=data)
+    c.evals.zero_shot = evaluator.entry("zero_shot", every=150, classes="procedural", data=dict(data, crop="squash"))
+    c.evals.knn = evaluator.entry("knn", every=150, features=("latent_pooled",), data=data)
 
     t = c.train
     t.steps = 300

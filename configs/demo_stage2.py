@@ -8,11 +8,12 @@ rFID with --config.evals.reconstruction.lpips_params / inception_params), and W/
 encoder, the new decoder). LPIPS is off here (no VGG weights ship), so the generator loss is
 L1 + the adaptive-weighted GAN term.
 """
-from vtp_jax import config as config_lib
+from vtp_jax import jobs
+from vtp_jax.evals import evaluator
 
 
 def get_config():
-    c = config_lib.default_config("stage2")
+    c = jobs.default_config("stage2")
     d = c.data
     d.source = "procedural"
     d.image_size = d.procedural_size = 64
@@ -32,6 +33,6 @@ def get_config():
     t = c.train
     t.steps, t.log_every, t.checkpoint_every, t.images_every = 300, 25, 100, 100
     t.eval_at_start = True
-    c.evals.reconstruction = config_lib.evaluator("reconstruction", data=dict(source="procedural", procedural_size=64,
+    c.evals.reconstruction = evaluator.entry("reconstruction", data=dict(source="procedural", procedural_size=64,
                                                                    image_size=64, batch_size=64, num_images=512))
     return c

@@ -10,11 +10,12 @@ leaves class-conditional sample grids in W/samples/*.png (rows: classes) and its
 TensorBoard. gFID needs Inception weights (--config.evals.gfid.inception_params); without them it
 says so and the rest runs.
 """
-from vtp_jax import config as config_lib
+from vtp_jax import jobs
+from vtp_jax.evals import evaluator
 
 
 def get_config():
-    c = config_lib.default_config("dit")
+    c = jobs.default_config("dit")
     d = c.dit
     d.size, d.patch_size, d.batch_size = "tiny", 1, 64
     d.t_mu, d.t_sigma = -0.5, 1.25  # VTP-S / B's logit-normal
@@ -33,5 +34,5 @@ def get_config():
     o.clip_grad = 1.0
     t = c.train
     t.steps, t.log_every, t.checkpoint_every = 750, 50, 250
-    c.evals.gfid = config_lib.evaluator("generation", every=0, num_samples=512, batch_size=64, inception_params="")
+    c.evals.gfid = evaluator.entry("generation", every=0, num_samples=512, batch_size=64, inception_params="")
     return c

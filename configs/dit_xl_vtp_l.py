@@ -10,11 +10,12 @@ velocity target, MSE + cosine loss, logit-normal t (mu -0.75, sigma 1 for VTP-L)
 (0.9, 0.95), no weight decay, no schedule, no clipping, EMA 0.9999, global batch 1024, 100k steps
 (~80 epochs), bf16 compute; FID-50k with 250-point Euler and time shift 0.075, labels uniform.
 """
-from vtp_jax import config as config_lib
+from vtp_jax import jobs
+from vtp_jax.evals import evaluator
 
 
 def recipe(size: str, steps: int):
-    c = config_lib.default_config("dit")
+    c = jobs.default_config("dit")
     d = c.dit
     d.size, d.patch_size, d.dtype, d.scan_layers = size, 1, "bfloat16", True
     d.batch_size, d.ema_decay = 1024, 0.9999
@@ -28,7 +29,7 @@ def recipe(size: str, steps: int):
     t.steps, t.mesh = steps, (-1, 1, 1)
     t.log_every, t.checkpoint_every = 100, 5_000
     c.dit.sample.every = 5_000
-    c.evals.gfid = config_lib.evaluator("generation", every=0, num_samples=50_000, batch_size=256, inception_params="",
+    c.evals.gfid = evaluator.entry("generation", every=0, num_samples=50_000, batch_size=256, inception_params="",
                         reference_stats="")
     return c
 

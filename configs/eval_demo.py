@@ -7,16 +7,17 @@ inception_params name converted weight files), zero-shot over the 64 (colour, sh
 linear probe and kNN on the bottleneck latent and on DINOv2-style trunk features. Validation images
 come from procedural seed 1, unseen in training (seed 0); the probes fit on seed 0.
 """
-from vtp_jax import config as config_lib
+from vtp_jax import jobs
+from vtp_jax.evals import evaluator
 
 
 def get_config():
-    c = config_lib.default_config("eval")
+    c = jobs.default_config("eval")
     data = dict(source="procedural", procedural_size=64, image_size=64, batch_size=64, num_images=512,
                 num_train_images=2048)
-    c.evals.reconstruction = config_lib.evaluator("reconstruction", data=data)
-    c.evals.zero_shot = config_lib.evaluator("zero_shot", classes="procedural", data=dict(data, crop="squash"))
-    c.evals.linear_probe = config_lib.evaluator("linear_probe", features=("latent_pooled", "latent_flat", "cls4_patch"),
+    c.evals.reconstruction = evaluator.entry("reconstruction", data=data)
+    c.evals.zero_shot = evaluator.entry("zero_shot", classes="procedural", data=dict(data, crop="squash"))
+    c.evals.linear_probe = evaluator.entry("linear_probe", features=("latent_pooled", "latent_flat", "cls4_patch"),
                                 data=data)
-    c.evals.knn = config_lib.evaluator("knn", features=("latent_pooled", "cls"), data=data)
+    c.evals.knn = evaluator.entry("knn", features=("latent_pooled", "cls"), data=data)
     return c

@@ -17,17 +17,18 @@ with the manual download; set --config.evals.*.data.tfds_data_dir if not the def
   N x D floats of host memory per feature set);
 - kNN: DINO's k = 20, T = 0.07 weighted vote on the cls token.
 """
-from vtp_jax import config as config_lib
+from vtp_jax import jobs
+from vtp_jax.evals import evaluator
 
 
 def get_config():
-    c = config_lib.default_config("eval")
+    c = jobs.default_config("eval")
     c.train.mesh = (-1, 1, 1)
     data = dict(source="tfds", tfds_name="imagenet2012", split="validation", train_split="train", image_size=256,
                 batch_size=256, num_images=0, num_train_images=128_000)
-    c.evals.reconstruction = config_lib.evaluator("reconstruction", data=data)
-    c.evals.zero_shot = config_lib.evaluator("zero_shot", classes="imagenet", data=dict(data, crop="squash"))
-    c.evals.linear_probe = config_lib.evaluator("linear_probe", features=("cls4_patch", "latent_pooled"), num_classes=1000,
+    c.evals.reconstruction = evaluator.entry("reconstruction", data=data)
+    c.evals.zero_shot = evaluator.entry("zero_shot", classes="imagenet", data=dict(data, crop="squash"))
+    c.evals.linear_probe = evaluator.entry("linear_probe", features=("cls4_patch", "latent_pooled"), num_classes=1000,
                                 data=data)
-    c.evals.knn = config_lib.evaluator("knn", features=("cls",), num_classes=1000, data=data)
+    c.evals.knn = evaluator.entry("knn", features=("cls",), num_classes=1000, data=data)
     return c

@@ -7,11 +7,11 @@ then `--config.dit.latents=gs://bucket/latents/vtp_l` in configs/dit_xl_vtp_l.py
 TFDS's array_record format. Resumable: a rerun skips the parts already written. For ArrayRecord
 shards: --config.latents.data.source=array_record --config.latents.data.train_paths='.../*.array_record'.
 """
-from vtp_jax import config as config_lib
+from vtp_jax import jobs
 
 
 def get_config():
-    c = config_lib.default_config("extract_latents")
+    c = jobs.default_config("extract_latents")
     d = c.latents.data
     d.source, d.tfds_name, d.train_split = "tfds", "imagenet2012", "train"
     d.image_size, d.crop, d.batch_size = 256, "center", 256

@@ -12,7 +12,8 @@ domain classifier can check generated samples against the class they were asked 
 import importlib.util
 import os
 
-from vtp_jax import config as config_lib
+from vtp_jax import jobs
+from vtp_jax.evals import evaluator
 
 
 def _template(name):
@@ -25,7 +26,7 @@ def _template(name):
 def get_config(arg: str = ""):
     if arg not in ("", "smoke"):
         raise ValueError(f"configs/study_understanding.py:{arg}: the variants are '' and 'smoke'")
-    c = config_lib.default_config("study")
+    c = jobs.default_config("study")
     s = c.study
     s.seeds = (0, 1)
     tok = _template("demo")
@@ -39,18 +40,18 @@ def get_config(arg: str = ""):
     dit.train.update(steps=600, checkpoint_every=600, log_every=100)
     dit.dit.sample.every = 600
     dit.evals = dict(
-        generation_classes=config_lib.evaluator("class_conditional", classifier_params="", samples_per_class=16, batch_size=64,
+        generation_classes=evaluator.entry("class_conditional", classifier_params="", samples_per_class=16, batch_size=64,
                                 data=dict(source="procedural", procedural_objects=1, procedural_size=64, image_size=64,
                                           batch_size=64, num_images=1024)),
-        val_loss=config_lib.evaluator("flow_loss", latents="", batch_size=64, t_mu=dit.dit.t_mu, t_sigma=dit.dit.t_sigma))
+        val_loss=evaluator.entry("flow_loss", latents="", batch_size=64, t_mu=dit.dit.t_mu, t_sigma=dit.dit.t_sigma))
     s.dit = dit
     data = dict(source="procedural", procedural_objects=1, procedural_size=64, image_size=64, batch_size=64,
                 num_images=1024, num_train_images=4096)
     s.evals = dict(
-        reconstruction=config_lib.evaluator("reconstruction", data=data),
-        zero_shot=config_lib.evaluator("zero_shot", classes="procedural", data=dict(data, crop="squash")),
-        linear_probe=config_lib.evaluator("linear_probe", features=("latent_pooled", "latent_flat"), data=data),
-        knn=config_lib.evaluator("knn", features=("latent_pooled",), data=data))
+        reconstruction=evaluator.entry("reconstruction", data=data),
+        zero_shot=evaluator.entry("zero_shot", classes="procedural", data=dict(data, crop="squash")),
+        linear_probe=evaluator.entry("linear_probe", features=("latent_pooled", "latent_flat"), data=data),
+        knn=evaluator.entry("knn", features=("latent_pooled",), data=data))
     if arg == "smoke":  # every stage for a few steps on tiny models: fills the same table in minutes
         m = tok.model
         m.width, m.depth, m.num_heads = 32, 1, 2

@@ -1,14 +1,17 @@
-"""VTP-L (f16d64) as released: ViT-L/16 trunk (24 x 1024), symmetric decoder, CLIP text tower.
-Trained with the paper's recipe: `vtp_jax.config.paper_recipe` (bf16, FSDP, 16k / 4k / 2k batches).
+"""VTP-L (f16d64) with the paper's recipe: the documented entry for `configs/vtp.py:L`.
 
-The paper's scaling runs used a light 4-block decoder and QK-norm:
-  --config.model.decoder.depth=4 --config.model.qk_norm=True --config.model.decoder.qk_norm=True
-and the d = 256 variant: --config.model.latent_dim=256.
+  python -m vtp_jax.main --config=configs/vtp_l.py --workdir=gs://bucket/vtp_l \\
+    --config.data.paths='gs://bucket/datacomp/*.array_record' --config.objectives.lpips_params=...
+
+Every field, its reason and the other sizes and ablations are in configs/vtp.py.
 """
-from vtp_jax import config as config_lib
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location("vtp", os.path.join(os.path.dirname(__file__), "vtp.py"))
+_vtp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_vtp)
 
 
 def get_config():
-    c = config_lib.default_config()
-    config_lib.paper_recipe(c, "L")
-    return c
+    return _vtp.get_config("L")

@@ -6,11 +6,12 @@ gives no stage-2 settings), the encoder frozen, on ArrayRecord shards at 256 px.
     --config.evals.reconstruction.lpips_params=lpips_vgg16.msgpack \\
     --config.evals.reconstruction.inception_params=inception.msgpack --workdir=W
 """
-from vtp_jax import config as config_lib
+from vtp_jax import jobs
+from vtp_jax.evals import evaluator
 
 
 def get_config():
-    c = config_lib.default_config("stage2")
+    c = jobs.default_config("stage2")
     d = c.data
     d.source, d.paths, d.num_workers = "array_record", "", 8
     d.image_size = 256
@@ -28,7 +29,7 @@ def get_config():
     t.steps, t.mesh = 50_000, (-1, 8, 1)
     t.log_every, t.checkpoint_every, t.images_every = 100, 2_000, 2_000
     t.eval_at_start = True
-    c.evals.reconstruction = config_lib.evaluator("reconstruction", every=10_000,
+    c.evals.reconstruction = evaluator.entry("reconstruction", every=10_000,
                                   data=dict(source="tfds", tfds_name="imagenet2012", split="validation",
                                             image_size=256, batch_size=256, num_images=10_000))
     return c

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vtp_jax import jobs
 from vtp_jax.data import pipeline, procedural, sources, transforms
+from vtp_jax.images import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 
 def tiny_config(**overrides):
@@ -34,7 +36,7 @@ def coded_source(n):
 
 def ids(images, axis_image=(-3, -2, -1)):
     """Record ids of normalized constant images (denormalize, read the grey value)."""
-    pixels = (images * transforms.IMAGENET_STD + transforms.IMAGENET_MEAN) * 255
+    pixels = (images * np.array(IMAGENET_STD, np.float32) + np.array(IMAGENET_MEAN, np.float32)) * 255
     assert np.allclose(pixels.std(axis=axis_image), 0, atol=1.0), "views of a constant image must stay constant"
     values = pixels.mean(axis=axis_image)
     assert np.allclose(values, np.round(values / 6) * 6, atol=1.0)
@@ -101,10 +103,9 @@ def test_procedural_relations_hold():
 # ---------------------------------------------------------------- batches
 
 def test_batch_matches_the_train_step_contract():
-    from vtp_jax import config as config_lib
-    from vtp_jax.train.pretrain import batch_spec
+    from vtp_jax.jobs.pretrain import batch_spec
 
-    config = config_lib.default_config()
+    config = jobs.default_config()
     config.model.patch_size, config.model.text.context_length = 8, 16
     d = config.data
     d.image_size, d.global_crops_size, d.local_crops_size, d.procedural_size = 32, 32, 16, 32
@@ -117,7 +118,7 @@ def test_batch_matches_the_train_step_contract():
         assert batch[k].shape == s.shape and batch[k].dtype == s.dtype, k
     assert np.all(batch["tokens"][:, 0] == 49406) and np.all((batch["tokens"] == 49407).sum(1) == 1)
     for k in ("clip_images", "ssl_global", "ssl_local", "rec_images"):  # ImageNet-normalized [0, 1] pixels
-        lo, hi = (0 - transforms.IMAGENET_MEAN) / transforms.IMAGENET_STD, (1 - transforms.IMAGENET_MEAN) / transforms.IMAGENET_STD
+        lo, hi = (0 - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32), (1 - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
         assert np.all(batch[k] >= lo - 1e-5) and np.all(batch[k] <= hi + 1e-5), k
 
 
@@ -257,7 +258,7 @@ def test_photometric_ops_closed_forms():
     luma = pixels.astype(float) @ np.array([0.299, 0.587, 0.114])
     np.testing.assert_allclose(gray, np.repeat(luma[..., None], 3, -1), atol=1.0)
     assert np.array_equal(np.asarray(transforms.solarize(img)), np.where(pixels < 128, pixels, 255 - pixels))
-    np.testing.assert_allclose(transforms.normalize(pixels), (pixels / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225],
+    np.testing.assert_allclose(normalize(pixels), (pixels / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225],
                                rtol=1e-5, atol=1e-5)
     red = Image.fromarray(np.full((2, 2, 3), (255, 0, 0), np.uint8))
     np.testing.assert_allclose(np.asarray(transforms.adjust_hue(red, 0.5))[0, 0], (0, 255, 255), atol=8)  # opposite hue

@@ -10,23 +10,22 @@ import numpy as np
 import pytest
 
 import tiny
+from vtp_jax import jobs, sharding
 from vtp_jax.data import latents as latents_lib
-from vtp_jax.train import runner, sharding
+from vtp_jax.jobs import extract_latents
+from vtp_jax.train import runner
 
 SIZE = 16
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from vtp_jax.checkpoints import released
-    from vtp_jax.models import vtp
+    return tiny.export_tokenizer(tmp_path_factory.mktemp("tokenizer"), SIZE, text=False)
 
-    c = tiny.get_config().model
-    c.head.prototypes, c.text.depth = 0, 0
-    params = jax.device_get(jax.jit(lambda r: vtp.init_params(c, r, SIZE))(jax.random.key(0)))
-    folder = str(tmp_path_factory.mktemp("tokenizer"))
-    released.export_release(c, params, folder, image_size=SIZE)
-    return folder
+
+def extract(c, folder):
+    """The extract_latents job's work for a dit config's `latents` section."""
+    return extract_latents.extract(c, folder, sharding.make_mesh(c.train.mesh))
 
 
 def dit_config(tokenizer, steps=4):
@@ -48,7 +47,7 @@ def test_extraction_records_flips_and_stats(tokenizer, tmp_path):
 
     c = dit_config(tokenizer)
     c.train.mesh = (2, 1, 1)  # batches split over devices
-    folder = latents_lib.extract(c, str(tmp_path))
+    folder = extract(c, str(tmp_path))
     meta = latents_lib.read_meta(folder)
     assert meta["shape"] == [2, 2, 8] and meta["num_classes"] == 64 and meta["records"] == 44
     import grain
@@ -76,23 +75,23 @@ def test_extraction_records_flips_and_stats(tokenizer, tmp_path):
     assert np.all(std > 0.5 * sample.std(0)) and np.all(std < 2 * sample.std(0))
     # a rerun finds the extraction complete and leaves it alone
     before = {p: os.path.getmtime(p) for p in latents_lib.shard_paths(folder)}
-    latents_lib.extract(c, str(tmp_path))
+    extract(c, str(tmp_path))
     assert before == {p: os.path.getmtime(p) for p in latents_lib.shard_paths(folder)}
 
 
 def test_extraction_resumes_after_a_lost_part(tokenizer, tmp_path):
     c = dit_config(tokenizer)
-    folder = latents_lib.extract(c, str(tmp_path / "a"))
+    folder = extract(c, str(tmp_path / "a"))
     paths = latents_lib.shard_paths(folder)
     os.remove(paths[1])
     os.remove(os.path.join(folder, "meta.json"))
-    latents_lib.extract(c, folder)
+    extract(c, folder)
     assert latents_lib.shard_paths(folder) == paths and latents_lib.read_meta(folder)["records"] == 44
 
 
 def test_dit_job_trains_samples_and_resumes(tokenizer, tmp_path):
     c = dit_config(tokenizer, steps=4)
-    out = runner.run(c, str(tmp_path))
+    out = jobs.run(c, str(tmp_path))
     assert np.isfinite(out["loss"])
     assert sorted(os.listdir(tmp_path / "samples")) == ["0000002.png", "0000004.png"]
     from PIL import Image
@@ -109,8 +108,9 @@ def test_dit_job_trains_samples_and_resumes(tokenizer, tmp_path):
 def test_dit_xl_recipe_compiles_on_8_devices(tmp_path):
     """The release's XL/1 recipe (28 x 1152, scanned blocks) compiles on 8 fake CPU devices at a
     small batch with the step sharded by the logical axis names (compile only)."""
+    from vtp_jax.jobs import dit
     from vtp_jax.models import dit as dit_lib
-    from vtp_jax.train import dit, optim
+    from vtp_jax.train import optim
 
     c = tiny.load_config("dit_xl_vtp_l")
     c.dit.batch_size, c.train.mesh = 8, (2, 4, 1)
@@ -121,7 +121,7 @@ def test_dit_xl_recipe_compiles_on_8_devices(tmp_path):
     params = jax.eval_shape(lambda: dit_lib.init_params(model, jax.random.key(0)))
     tx = optim.make_optimizer(c.optim, params, c.train.steps, depth=0)
     boxed = jax.eval_shape(lambda: dit.init_state(model, tx, jax.random.key(0)))
-    shardings = runner.state_shardings(boxed, mesh)
+    shardings = sharding.logical_shardings(boxed, mesh)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   jax.eval_shape(lambda: flax.linen.meta.unbox(dit.init_state(model, tx, jax.random.key(0)))),
                                   shardings)

@@ -5,12 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from numpy.lib.stride_tricks import sliding_window_view
 
 from vtp_jax.data import procedural
 from vtp_jax.evals import probes, reconstruction, zero_shot
-from vtp_jax.train.sharding import make_mesh
+from vtp_jax.sharding import make_mesh
 
 
 def on_batch_shards(mesh, *xs):

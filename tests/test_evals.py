@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import tiny
-from vtp_jax.train import runner, sharding
+from vtp_jax import jobs, sharding
+from vtp_jax.checkpoints import tokenizers
+from vtp_jax.train import runner
 
 SIZE = 16  # the tiny config's images: 2 x 2 patches of 8 px
 
@@ -41,10 +43,10 @@ def eval_config(checkpoint, mesh=(1, 1, 1)):
 
 def test_eval_job_writes_flat_metrics(tokenizer, tmp_path, caplog):
     import vtp_jax
-    from vtp_jax.data import pipeline
+    from vtp_jax.data import eval_splits, pipeline
     from vtp_jax.evals import evaluator
 
-    metrics = runner.run(eval_config(tokenizer), str(tmp_path))
+    metrics = jobs.run(eval_config(tokenizer), str(tmp_path))
     saved = json.load(open(tmp_path / "metrics.json"))
     for key in ("psnr", "ssim", "zero_shot/top1", "zero_shot/top5", "linear_probe/top1", "knn/top1"):
         assert key in saved and np.isfinite(saved[key]), key
@@ -60,8 +62,8 @@ def test_eval_job_writes_flat_metrics(tokenizer, tmp_path, caplog):
     from scipy.ndimage import correlate1d
 
     pre = vtp_jax.load_pretrained(tokenizer)
-    d = evaluator.entry(eval_config(tokenizer).evals.reconstruction).data
-    batch = next(pipeline.make_eval_iterator(evaluator.make_source(d), image_size=SIZE, batch_size=20))
+    d = evaluator.resolved(eval_config(tokenizer).evals.reconstruction).data
+    batch = next(pipeline.make_eval_iterator(eval_splits.make_source(d), image_size=SIZE, batch_size=20))
     x = batch["images"]
     denorm = lambda v: np.asarray(v, np.float64) * [0.229, 0.224, 0.225] + [0.485, 0.456, 0.406]  # noqa: E731
     real, recon = denorm(x), np.clip(denorm(pre.decode(pre.encode(x))), 0, 1)
@@ -82,9 +84,8 @@ def test_eval_job_writes_flat_metrics(tokenizer, tmp_path, caplog):
 
 def test_evaluators_on_8_devices_equal_one_device(tokenizer):
     from vtp_jax.evals import evaluator
-    from vtp_jax.train import evaluate
 
-    model_cfg, params = evaluate.load_tokenizer(tokenizer)
+    model_cfg, params = tokenizers.load_tokenizer(tokenizer)
     from vtp_jax.models.vtp import VTP
 
     results = []
@@ -111,7 +112,6 @@ def test_reconstruction_evaluator_with_lpips_and_inception_weights(tokenizer, tm
     from vtp_jax.evals import evaluator
     from vtp_jax.models import inception, lpips
     from vtp_jax.models.vtp import VTP
-    from vtp_jax.train import evaluate
 
     x = np.zeros((1, 64, 64, 3), np.float32)
     lp = nn.meta.unbox(jax.jit(lpips.LPIPS().init)(jax.random.key(1), x, x)["params"])
@@ -123,7 +123,7 @@ def test_reconstruction_evaluator_with_lpips_and_inception_weights(tokenizer, tm
     c.evals = {"reconstruction": c.evals.reconstruction}
     c.evals.reconstruction.update(lpips_params=str(tmp_path / "lpips.msgpack"),
                                   inception_params=str(tmp_path / "inception.msgpack"))
-    model_cfg, params = evaluate.load_tokenizer(tokenizer)
+    model_cfg, params = tokenizers.load_tokenizer(tokenizer)
     mesh = sharding.make_mesh((1, 1, 1))
     with runner.scope_of(mesh):
         (ev,) = evaluator.build(c, VTP(model_cfg), mesh).values()
@@ -140,6 +140,6 @@ def test_eval_job_bad_checkpoint_is_one_clear_error(tmp_path, tokenizer):
     shutil.copytree(tokenizer, broken)
     os.remove(broken / "model.safetensors")
     with pytest.raises(FileNotFoundError, match=r"broken/model.safetensors not found"):
-        runner.run(eval_config(str(broken)), str(tmp_path / "w"))
+        jobs.run(eval_config(str(broken)), str(tmp_path / "w"))
     with pytest.raises(runner.ConfigError, match="eval.checkpoint is empty"):
-        runner.run(eval_config(""), str(tmp_path / "w"))
+        jobs.run(eval_config(""), str(tmp_path / "w"))

@@ -14,13 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from numpy.lib.stride_tricks import sliding_window_view
 
+from vtp_jax import sharding
 from vtp_jax.checkpoints import torch_convert
 from vtp_jax.evals import fid
 from vtp_jax.models import inception
-from vtp_jax.train import sharding
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 

@@ -13,7 +13,7 @@ from vtp_jax.config import VIT_SIZES, check_fields, model_config, with_size
 from vtp_jax.models.heads import DINOHead
 from vtp_jax.models.layers import mlp_hidden
 from vtp_jax.models.vtp import VTP, Encoder, PixelDecoder, TextTower, param_shapes
-from vtp_jax.train.sharding import LOGICAL_RULES
+from vtp_jax.sharding import LOGICAL_RULES
 
 P, WIDTH, CLIP, K, VOCAB, CTX = 4, 32, 16, 24, 64, 8
 

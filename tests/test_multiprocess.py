@@ -10,8 +10,10 @@ import jax
 import numpy as np
 
 import tiny
+from vtp_jax import config as config_lib
+from vtp_jax import jobs, sharding
 from vtp_jax.data import pipeline
-from vtp_jax.train import pretrain, runner, sharding
+from vtp_jax.train import runner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 3
@@ -19,8 +21,8 @@ STEPS = 3
 
 def reference(config, n_processes=2):
     """One process, 4 devices, each global batch = the processes' local batches concatenated."""
-    tr = runner.build(config, sharding.make_mesh((4, 1, 1)))
-    views = [k for k, on in pretrain.active(config).items() if on]
+    tr = jobs.build(config, sharding.make_mesh((4, 1, 1)))
+    views = [k for k, on in config_lib.active(config).items() if on]
     iters = [pipeline.make_train_iterator(tr.config.data, seed=config.seed, process_index=i,
                                           process_count=n_processes, views=views) for i in range(n_processes)]
     losses = []

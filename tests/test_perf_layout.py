@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 import tiny
-from vtp_jax.train import pretrain, runner, sharding
+from vtp_jax import jobs, sharding
+from vtp_jax.jobs import pretrain
+from vtp_jax.train import runner
 
 COLLECTIVE = re.compile(r"=\s+(.*?)\s+(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
                         r"(?:-start)?\(")
@@ -45,7 +47,7 @@ def step_on():
             # K = 80 matches no other dimension of the tiny model (64 = 2 x width would), so an
             # array ending in 80 is a prototype array.
             config.model.head.prototypes = 80
-            tr = runner.build(config, sharding.make_mesh(shape))
+            tr = jobs.build(config, sharding.make_mesh(shape))
             with runner.scope(tr):
                 state = tr.init(jax.random.key(0))
                 batch = sharding.global_batch(pretrain.synthetic_batch(tr.config), tr.mesh)

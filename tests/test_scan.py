@@ -14,13 +14,14 @@ from jax.sharding import PartitionSpec as P
 
 import vtp_jax
 from vtp_jax import config as config_lib
+from vtp_jax import sharding
 from vtp_jax.checkpoints import lightningdit as ld
 from vtp_jax.checkpoints import released
 from vtp_jax.models import dit
 from vtp_jax.models.layers import stack_blocks, unstack_blocks
 from vtp_jax.models.vtp import VTP, Encoder, param_shapes
-from vtp_jax.train import optim, sharding
-from vtp_jax.train.sharding import LOGICAL_RULES
+from vtp_jax.sharding import LOGICAL_RULES
+from vtp_jax.train import optim
 
 DEPTH, DEC_DEPTH, TEXT_DEPTH, WIDTH, VOCAB, CTX = 3, 2, 2, 32, 64, 8
 TOWERS = {"trunk": DEPTH, "pixel_decoder": DEC_DEPTH, "text": TEXT_DEPTH}

@@ -9,25 +9,17 @@ import numpy as np
 import pytest
 
 import tiny
-from vtp_jax import objectives
+from vtp_jax import images, jobs, objectives, sharding
 from vtp_jax.models.discriminator import PatchDiscriminator
 from vtp_jax.models.vtp import VTP
-from vtp_jax.train import pretrain, runner, sharding, stage2
+from vtp_jax.train import runner
 
 SIZE = 16
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from vtp_jax.checkpoints import released
-    from vtp_jax.models import vtp
-
-    c = tiny.get_config().model
-    c.head.prototypes = 0
-    params = jax.device_get(jax.jit(lambda r: vtp.init_params(c, r, SIZE))(jax.random.key(0)))
-    folder = str(tmp_path_factory.mktemp("tokenizer"))
-    released.export_release(c, params, folder, image_size=SIZE)
-    return folder
+    return tiny.export_tokenizer(tmp_path_factory.mktemp("tokenizer"), SIZE, text=True)
 
 
 def stage2_config(tokenizer, steps=4, **stage2):
@@ -44,7 +36,7 @@ def stage2_config(tokenizer, steps=4, **stage2):
 def test_stage2_trains_only_the_decoder_and_exports(tokenizer, tmp_path):
     import vtp_jax
 
-    runner.run(stage2_config(tokenizer), str(tmp_path))
+    jobs.run(stage2_config(tokenizer), str(tmp_path))
     before, after = vtp_jax.load_pretrained(tokenizer), vtp_jax.load_pretrained(str(tmp_path / "export"))
     for part in ("trunk", "feature_bottleneck", "text", "visual_proj"):
         jax.tree.map(np.testing.assert_array_equal, after.params[part], before.params[part])
@@ -66,7 +58,7 @@ def test_adaptive_weight_and_step_match_separate_gradients(tokenizer):
     decoder update is that of L_rec + lambda * disc_weight * L_G, each gradient taken here apart."""
     c = stage2_config(tokenizer, disc_start=0)
     c.optim.update(clip_grad=0.0)
-    tr = runner.build(c, sharding.make_mesh((1, 1, 1)))
+    tr = jobs.build(c, sharding.make_mesh((1, 1, 1)))
     model, s = tr.model, tr.config.stage2
     disc = PatchDiscriminator(s.disc_ndf, s.disc_layers, s.disc_norm)
     batch = {"rec_images": np.random.default_rng(1).standard_normal((8, SIZE, SIZE, 3)).astype(np.float32)}
@@ -81,11 +73,11 @@ def test_adaptive_weight_and_step_match_separate_gradients(tokenizer):
 
     def rec(dec):
         r = model.apply({"params": {"pixel_decoder": dec}}, z, method=VTP.decode)
-        return jnp.mean(jnp.abs(pretrain.to_pixels(r) - pretrain.to_pixels(jnp.asarray(x))))
+        return jnp.mean(jnp.abs(images.to_lpips_range(r) - images.to_lpips_range(jnp.asarray(x))))
 
     def gan(dec):
         r = model.apply({"params": {"pixel_decoder": dec}}, z, method=VTP.decode)
-        return -jnp.mean(disc.apply({"params": state.disc}, pretrain.to_pixels(r)))  # hinge generator loss
+        return -jnp.mean(disc.apply({"params": state.disc}, images.to_lpips_range(r)))  # hinge generator loss
 
     g_rec, g_gan = jax.grad(rec)(state.decoder), jax.grad(gan)(state.decoder)
     w_rec, w_gan = g_rec["proj_out"]["kernel"], g_gan["proj_out"]["kernel"]
@@ -98,8 +90,8 @@ def test_adaptive_weight_and_step_match_separate_gradients(tokenizer):
     agree = jax.tree.map(lambda d, g: np.mean(d == -np.sign(np.asarray(g))), moved, total)
     assert min(jax.tree.leaves(agree)) > 0.99
     # the discriminator descends its hinge loss: real logits up, fake logits down
-    r_px = pretrain.to_pixels(model.apply({"params": {"pixel_decoder": state.decoder}}, z, method=VTP.decode))
-    d_loss = lambda p: objectives.hinge_d_loss(disc.apply({"params": p}, pretrain.to_pixels(jnp.asarray(x))),  # noqa: E731
+    r_px = images.to_lpips_range(model.apply({"params": {"pixel_decoder": state.decoder}}, z, method=VTP.decode))
+    d_loss = lambda p: objectives.hinge_d_loss(disc.apply({"params": p}, images.to_lpips_range(jnp.asarray(x))),  # noqa: E731
                                                disc.apply({"params": p}, r_px))
     assert float(d_loss(state1.disc)) < float(d_loss(state.disc))
 
@@ -110,9 +102,9 @@ def test_stage2_resumes_exactly(tokenizer, tmp_path):
         c.optim.min_lr = c.optim.lr
         return c
 
-    runner.run(config(2), str(tmp_path / "a"))
-    runner.run(config(4), str(tmp_path / "a"))  # restores step 2 (with the data iterator), runs 2 more
-    runner.run(config(4), str(tmp_path / "b"))
+    jobs.run(config(2), str(tmp_path / "a"))
+    jobs.run(config(4), str(tmp_path / "a"))  # restores step 2 (with the data iterator), runs 2 more
+    jobs.run(config(4), str(tmp_path / "b"))
     a, b = (tiny.restore_params(tmp_path / w, 4, field="decoder") for w in ("a", "b"))
     jax.tree.map(np.testing.assert_array_equal, a, b)
     a, b = (tiny.restore_params(tmp_path / w, 4, field="disc") for w in ("a", "b"))
@@ -122,4 +114,4 @@ def test_stage2_resumes_exactly(tokenizer, tmp_path):
 def test_stage2_needs_a_tokenizer(tmp_path):
     c = stage2_config("")
     with pytest.raises(runner.ConfigError, match="train.init_from is empty"):
-        runner.run(c, str(tmp_path))
+        jobs.run(c, str(tmp_path))

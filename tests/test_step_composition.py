@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 
 import tiny
-from vtp_jax.models.vtp import IMAGENET_MEAN, IMAGENET_STD, VTP
-from vtp_jax.train import pretrain, runner, sharding
+from vtp_jax import jobs, sharding
+from vtp_jax.images import IMAGENET_MEAN, IMAGENET_STD
+from vtp_jax.jobs import pretrain
+from vtp_jax.models.vtp import VTP
+from vtp_jax.train import runner
 
 
 def log_softmax(x):
@@ -72,7 +75,7 @@ def test_step_losses_match_numpy_rederivation(centering):
     c.objectives.l_rec, c.objectives.l_ssl, c.objectives.l_clip = 0.7, 1.3, 0.9  # distinct lambdas
     c.objectives.dino_weight, c.objectives.ibot_weight, c.objectives.koleo_weight = 1.1, 0.8, 0.3
     c.objectives.center_momentum = 0.9  # DINOv2's (the demo uses 0): both terms of the EMA matter
-    tr = runner.build(c, sharding.make_mesh((1, 1, 1)))
+    tr = jobs.build(c, sharding.make_mesh((1, 1, 1)))
     o, model = tr.config.objectives, tr.model
     batch = pretrain.synthetic_batch(tr.config, seed=3)
     with runner.scope(tr):

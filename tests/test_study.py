@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 
 import tiny
-from vtp_jax import config as config_lib
-from vtp_jax import study
+from vtp_jax.jobs import study
 
 
 def test_domain_classifier_is_accurate_on_real_rendered_images(tmp_path):
-    c = config_lib.study_config().classifier
+    c = study.default_study().classifier
     c.num_train, c.num_val, c.steps, c.batch_size = 8192, 1024, 600, 64  # the default recipe, half the val set
     path, accuracy = study.train_classifier(c, str(tmp_path))
     assert accuracy > 0.9, accuracy  # 64 (colour, shape) classes: chance is 1.6%

@@ -41,8 +41,22 @@ def test_truncation_forces_eot():
     assert (t[0, 1:-1] == 2368).all()
 
 
-def test_missing_vocab_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setenv("VTP_BPE_VOCAB", "")
-    monkeypatch.setattr(tokenizer.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps open_clip_torch"):
+def test_vocabulary_ships_with_the_package_and_the_variable_overrides_it(tmp_path, monkeypatch):
+    """No open_clip needed: the packaged merges file is found; VTP_BPE_VOCAB points elsewhere, and
+    one that names no file says so and how to fix it."""
+    import gzip
+    import importlib.util
+
+    monkeypatch.delenv("VTP_BPE_VOCAB", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # as if open_clip were absent
+    path = tokenizer.find_vocab_file()
+    assert path.endswith("vtp_jax/data/assets/bpe_simple_vocab_16e6.txt.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        assert len(f.read().split("\n")) >= 49152 - 256 - 2
+    copy = tmp_path / "vocab.txt.gz"
+    copy.write_bytes(open(path, "rb").read())
+    monkeypatch.setenv("VTP_BPE_VOCAB", str(copy))
+    assert tokenizer.find_vocab_file() == str(copy)
+    monkeypatch.setenv("VTP_BPE_VOCAB", str(tmp_path / "absent.txt.gz"))
+    with pytest.raises(FileNotFoundError, match="VTP_BPE_VOCAB=.*absent.txt.gz does not exist.*shipped with vtp_jax"):
         tokenizer.find_vocab_file()

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 import tiny
-from vtp_jax.train import pretrain, runner, sharding
+from vtp_jax import jobs, sharding
+from vtp_jax.jobs import pretrain
+from vtp_jax.train import runner
 
 
 def tiny_config(name="demo", **objectives):
@@ -14,10 +16,24 @@ def tiny_config(name="demo", **objectives):
 
 
 def test_demo_and_ablation_configs_validate():
-    for name in ("demo", "vtp_s", "vtp_b", "vtp_l", "ae", "clip_ae", "ssl_ae"):
-        c = tiny.load_config(name)
+    for name, arg in (("demo", None), ("vtp_l", None), ("vtp", "S"), ("vtp", "B"), ("vtp", "L"),
+                      ("vtp", "B,objectives=ae"), ("vtp", "B,objectives=clip_ae"), ("vtp", "B,objectives=ssl_ae")):
+        c = tiny.load_config(name, arg)
         c.objectives.lpips_weight = 0.0
-        runner.validate(c, n_batch_shards=8)
+        jobs.validate(c, n_batch_shards=8)
+
+
+def test_vtp_config_variants():
+    """configs/vtp.py:SIZE[,objectives=...] sets the released sizes and the ablations' weights;
+    configs/vtp_l.py is its L; an unknown argument is one error naming it."""
+    assert tiny.load_config("vtp_l").to_dict() == tiny.load_config("vtp", "L").to_dict()
+    assert tiny.load_config("vtp", "S").model.width == 384 and tiny.load_config("vtp", "L").model.depth == 24
+    weights = {o: (c.objectives.l_clip, c.objectives.l_ssl, c.objectives.l_rec) for o in ("vtp", "ae", "clip_ae", "ssl_ae")
+               for c in [tiny.load_config("vtp", f"B,objectives={o}")]}
+    assert weights == {"vtp": (1.0, 1.0, 0.1), "ae": (0.0, 0.0, 0.1), "clip_ae": (1.0, 0.0, 0.1), "ssl_ae": (0.0, 1.0, 0.1)}
+    for bad, field in (("B,objectve=ae", "objectve=ae"), ("XL", "'XL'"), ("L,objectives=dino", "'dino'")):
+        with pytest.raises(ValueError, match=field):
+            tiny.load_config("vtp", bad)
 
 
 def test_validation_errors_are_clear_and_early(tmp_path):
@@ -27,7 +43,7 @@ def test_validation_errors_are_clear_and_early(tmp_path):
     c.objectives.lpips_weight = 1.0
     c.objectives.lpips_params = str(tmp_path / "nope.msgpack")
     with pytest.raises(runner.ConfigError) as e:
-        runner.build(c, sharding.make_mesh((8, 1, 1)))
+        jobs.build(c, sharding.make_mesh((8, 1, 1)))
     msg = str(e.value)
     assert "data.batch_clip=12 is not divisible by the 8 batch shards" in msg
     assert "data.batch_rec=32 > data.batch_clip=12" in msg
@@ -35,7 +51,7 @@ def test_validation_errors_are_clear_and_early(tmp_path):
     with pytest.raises(runner.ConfigError, match="unknown config field.*model.widht"):
         c = tiny_config()
         c.model.widht = 3
-        runner.validate(c, 1)
+        jobs.validate(c, 1)
     with pytest.raises(ValueError, match="mesh .* needs 12 devices, 8 are present"):
         sharding.make_mesh((3, 4, 1))
 
@@ -44,7 +60,7 @@ def test_validation_errors_are_clear_and_early(tmp_path):
 def test_objective_off_skips_its_forward(off):
     """Switching an objective off removes its compute from the step (its matmul FLOPs)."""
     def flops(config):
-        tr = runner.build(config, sharding.make_mesh((1, 1, 1)))
+        tr = jobs.build(config, sharding.make_mesh((1, 1, 1)))
         with runner.scope(tr):
             state = jax.eval_shape(tr.init, jax.random.key(0))
             batch = sharding.global_batch(pretrain.synthetic_batch(tr.config), tr.mesh)
@@ -58,7 +74,7 @@ def test_objective_off_skips_its_forward(off):
 @pytest.fixture(scope="module")
 def single():
     """The tiny config's trainer on one device, shared by the tests below (one compile)."""
-    return runner.build(tiny_config(), sharding.make_mesh((1, 1, 1)))
+    return jobs.build(tiny_config(), sharding.make_mesh((1, 1, 1)))
 
 
 def steps(tr, n, batches=None):
@@ -78,7 +94,7 @@ def test_step_is_mesh_invariant_and_fsdp_shards_params(single):
     c = tiny_config()
     ref, ref_m = steps(single, 1)
     for shape in [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]:
-        tr = runner.build(c, sharding.make_mesh(shape))
+        tr = jobs.build(c, sharding.make_mesh(shape))
         with runner.scope(tr):
             state = tr.init(jax.random.key(0))
             state, m = tr.step(state, sharding.global_batch(pretrain.synthetic_batch(tr.config), tr.mesh), None)
@@ -169,7 +185,7 @@ def test_weight_decay_zero_and_no_temperature_warmup_step():
     c.optim.weight_decay = c.optim.weight_decay_end = 0.0
     c.objectives.warmup_teacher_temp_steps = 0
     c.objectives.teacher_momentum, c.objectives.teacher_momentum_end = 0.0, 0.0
-    tr = runner.build(c, sharding.make_mesh((1, 1, 1)))
+    tr = jobs.build(c, sharding.make_mesh((1, 1, 1)))
     with runner.scope(tr):
         state = tr.init(jax.random.key(0))
         state, m = tr.step(state, sharding.global_batch(pretrain.synthetic_batch(tr.config), tr.mesh), tr.consts)
@@ -182,9 +198,9 @@ def test_weight_decay_zero_and_no_temperature_warmup_step():
 
 def test_missing_bpe_vocabulary_fails_in_validation(monkeypatch, tmp_path):
     monkeypatch.setenv("VTP_BPE_VOCAB", str(tmp_path / "missing_vocab.txt.gz"))
-    with pytest.raises(runner.ConfigError, match="l_clip > 0 needs the CLIP BPE vocabulary.*open_clip_torch"):
-        runner.validate(tiny_config(), 1)
-    runner.validate(tiny_config(l_clip=0.0), 1)  # no CLIP, no vocabulary needed
+    with pytest.raises(runner.ConfigError, match="l_clip > 0 needs the CLIP BPE vocabulary.*missing_vocab.txt.gz does not exist"):
+        jobs.validate(tiny_config(), 1)
+    jobs.validate(tiny_config(l_clip=0.0), 1)  # no CLIP, no vocabulary needed
 
 
 def test_drop_path_subsets_stay_within_batch_shards():
@@ -195,7 +211,7 @@ def test_drop_path_subsets_stay_within_batch_shards():
 
     c = tiny_config()
     c.objectives.drop_path_ssl = 0.5
-    tr = runner.build(c, sharding.make_mesh((8, 1, 1)))
+    tr = jobs.build(c, sharding.make_mesh((8, 1, 1)))
     model = tr.model
     with runner.scope(tr):
         params = jax.eval_shape(tr.init, jax.random.key(0)).params
@@ -217,7 +233,7 @@ def test_tiny_model_learns_every_objective_on_a_fixed_batch():
 
     c = tiny.get_config()
     c.train.steps = 40
-    tr = runner.build(c, sharding.make_mesh((1, 1, 1)))
+    tr = jobs.build(c, sharding.make_mesh((1, 1, 1)))
     batch = next(pipeline.make_train_iterator(tr.config.data, seed=0, process_index=0, process_count=1))
     history = []
     with runner.scope(tr):
@@ -246,7 +262,8 @@ def test_autoencoder_learns_object_colour():
     import optax
 
     from vtp_jax.data import procedural
-    from vtp_jax.models.vtp import IMAGENET_MEAN, IMAGENET_STD, VTP
+    from vtp_jax.images import IMAGENET_MEAN, IMAGENET_STD
+    from vtp_jax.models.vtp import VTP
 
     m = tiny.get_config().model
     m.text.depth, m.head.prototypes, m.latent_dim = 0, 0, 16

@@ -37,6 +37,23 @@ def get_config(name="demo"):
     return c
 
 
+def export_tokenizer(folder, size=16, text=True):
+    """A randomly initialised tiny tokenizer (no DINO head; a text tower if `text`) written as a
+    release-format folder: what jobs that read a tokenizer are pointed at."""
+    import jax
+
+    from vtp_jax.checkpoints import released
+    from vtp_jax.models import vtp
+
+    c = get_config().model
+    c.head.prototypes = 0
+    if not text:
+        c.text.depth = 0
+    params = jax.device_get(jax.jit(lambda r: vtp.init_params(c, r, size))(jax.random.key(0)))
+    released.export_release(c, params, str(folder), image_size=size)
+    return str(folder)
+
+
 def restore_params(workdir, step, field="params"):
     """A field of a trainer checkpoint's state as host arrays, whatever mesh or process count
     wrote it."""

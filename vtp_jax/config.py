@@ -1,16 +1,20 @@
-"""The one config schema of vtp-jax.
+"""The config sections that several jobs share, and the check that rejects unknown fields.
 
-Every field a job reads is declared here with its default and a comment; `configs/*.py` only
-override values. `check_fields` rejects a config with fields this schema does not know, so a typo
-in a `--config.x=y` override fails at start-up instead of being silently ignored.
-
-Sections:
-  model   architecture (vision trunk, bottleneck, pixel decoder, text tower, CLIP, DINO head).
-  data    the grain pipeline (`vtp_jax.data.pipeline.default_config`).
+Every field a job reads is declared with its default and a comment: here for the shared sections
+(train, model, objectives, optim, latents), in the job's module for its own (`vtp_jax.jobs`), whose
+`default_config()` puts them together; `configs/*.py` only override values. `check_fields` rejects
+a config with fields its job's schema does not know, so a typo in a `--config.x=y` override fails
+at start-up instead of being silently ignored.
 """
 from __future__ import annotations
 
 import ml_collections
+
+from vtp_jax.data import eval_splits, pipeline
+
+
+class ConfigError(ValueError):
+    """An impossible config, reported before anything compiles."""
 
 # Released VTP trunk sizes (released_vtp.md): width, depth, heads. Head dim is 64 in all.
 VIT_SIZES = {
@@ -88,14 +92,6 @@ def with_size(c: ml_collections.ConfigDict, size: str, decoder_depth: int | None
     c.decoder.width, c.decoder.num_heads = s["width"], s["num_heads"]
     c.decoder.depth = s["depth"] if decoder_depth is None else decoder_depth
     return c
-
-
-def evaluator(kind: str, **fields) -> ml_collections.ConfigDict:
-    """An entry of `config.evals`: `fields` over every default of evaluator type `kind`, so that any
-    of its fields can be overridden from the command line (--config.evals.<name>.<field>=...)."""
-    from vtp_jax.evals import evaluator as evaluator_lib  # its defaults live with the evaluators
-
-    return evaluator_lib.entry(ml_collections.ConfigDict(dict(type=kind, **fields)))
 
 
 def check_fields(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, where="config"):
@@ -181,21 +177,12 @@ def train_config() -> ml_collections.ConfigDict:
     return c
 
 
-def eval_config() -> ml_collections.ConfigDict:
-    """The standalone evaluation job (`job='eval'`): what to evaluate; `evals` says how."""
-    c = ml_collections.ConfigDict()
-    c.checkpoint = ""  # a release-format folder (e.g. a run's export/) or a training workdir
-    return c
-
-
 def latents_config() -> ml_collections.ConfigDict:
     """Cached tokenizer latents for the DiT (`job='extract_latents'`, or the DiT job when
     dit.latents is empty): what to encode with which tokenizer, and how to store it."""
-    from vtp_jax.evals import evaluator
-
     c = ml_collections.ConfigDict()
     c.tokenizer = ""  # a release-format folder (a run's export/, a released VTP) or a training workdir
-    c.data = evaluator.data_config()  # its TRAIN split is encoded (train_split / train_paths / num_train_images)
+    c.data = eval_splits.data_config()  # its TRAIN split is encoded (train_split / train_paths / num_train_images)
     c.data.num_train_images = 0  # 0: all (the procedural set needs a number)
     c.part_batches = 50  # global batches per output file: the unit of resumption
     c.stats_samples = 10_000  # per-channel mean / std from this many random unflipped latents (LightningDiT)
@@ -203,149 +190,44 @@ def latents_config() -> ml_collections.ConfigDict:
     return c
 
 
-def dit_config() -> ml_collections.ConfigDict:
-    """The LightningDiT job: model, flow recipe, latents and sampling (VTP's XL/1 settings)."""
-    c = ml_collections.ConfigDict()
-    c.size = "XL"  # vtp_jax.models.dit.DIT_SIZES: tiny, B, L, XL (depth, width, heads)
-    c.patch_size = 1
-    c.mlp_ratio = 4.0
-    c.class_dropout_prob = 0.1  # CFG label dropout
-    c.qk_norm = False
-    c.use_rope = True
-    c.dtype = "float32"  # compute; 'bfloat16' as LightningDiT's autocast
-    c.remat = "none"
-    c.scan_layers = False  # the blocks as one nn.scan (LightningDiT.scan_layers): params stacked as blocks/...
-    c.batch_size = 1024  # global (LightningDiT: 1024)
-    c.ema_decay = 0.9999  # the EMA pytree, updated every step; sampled and evaluated
-    c.t_mu, c.t_sigma = -0.75, 1.0  # logit-normal t (VTP-L; S / B: -0.5, 1.25)
-    c.latents = ""  # folder of extract_latents (shards, stats.npz, meta.json); '' = extract `latents` first
-    c.latent_multiplier = 1.0  # (z - mean) / std * multiplier
-    c.tokenizer = ""  # decodes samples; '' = the tokenizer the latents were extracted with
-    c.sample = ml_collections.ConfigDict()
-    c.sample.num_steps = 250  # grid points (LightningDiT: 250 = 249 Euler steps)
-    c.sample.shift = 0.075  # VTP's time shift (LightningDiT's own: 0.3; <= 0: none)
-    c.sample.method = "euler"  # 'euler' | 'heun' | 'dopri5'
-    c.sample.cfg_scale = 1.0  # VTP's headline numbers use no guidance
-    c.sample.cfg_interval_start = 0.0
-    c.sample.every = 5_000  # steps between sample grids (W/samples/<step>.png and TensorBoard)
-    c.sample.classes = 8  # grid rows: this many classes ...
-    c.sample.per_class = 8  # ... times this many samples
-    return c
-
-
-def stage2_config() -> ml_collections.ConfigDict:
-    """Stage 2: the frozen tokenizer's pixel decoder fine-tuned with a GAN (taming / LDM recipe;
-    the paper gives no settings). The tokenizer comes from train.init_from."""
-    c = ml_collections.ConfigDict()
-    # Generator: L1 + LPIPS (on [-1, 1] pixels) + adaptive weight x disc_weight x GAN term.
-    c.l1_weight = 1.0
-    c.lpips_weight = 1.0
-    c.lpips_params = ""  # `python -m vtp_jax.checkpoints.torch_convert lpips` output
-    c.gan_loss = "hinge"  # 'hinge' | 'non_saturating'
-    c.disc_weight = 0.5
-    c.disc_start = 0  # steps before the GAN term (and the discriminator's updates) start
-    c.max_adaptive_weight = 1e4  # cap of ||grad_last(nll)|| / ||grad_last(g)||
-    # Discriminator: PatchGAN (ndf 64, 3 layers; GroupNorm instead of taming's BatchNorm).
-    c.disc_ndf = 64
-    c.disc_layers = 3
-    c.disc_norm = "group"
-    c.disc_lr = 1e-4
-    c.disc_b1, c.disc_b2 = 0.5, 0.9  # taming
-    c.regularizer = "none"  # 'none' | 'lecam' (Tseng et al. 2021) | 'r1' (Mescheder et al. 2018)
-    c.lecam_weight = 0.001
-    c.lecam_ema = 0.99
-    c.r1_gamma = 1.0
-    return c
-
-
-def study_config() -> ml_collections.ConfigDict:
-    """The miniature study (`vtp_jax.study`): which tokenizers, the job templates every run
-    derives from (a pretrain and a dit config), the evaluators, the domain classifier."""
-    c = ml_collections.ConfigDict()
-    c.variants = ("ae", "clip_ae", "ssl_ae", "vtp")
-    c.seeds = (0, 1)
-    c.tokenizer = default_config("pretrain")  # each variant sets objectives.l_clip / l_ssl and the seed
-    c.dit = default_config("dit")  # latents.tokenizer and the seed are set per run
-    c.evals = ml_collections.ConfigDict()  # run on every tokenizer (job 'eval')
-    c.classifier = ml_collections.ConfigDict()
-    c.classifier.seed = 100  # procedural streams 100 (train) and 101 (validation): unseen elsewhere
-    c.classifier.num_train, c.classifier.num_val = 8192, 2048
-    c.classifier.image_size = 64  # rendered at the tokenizers' size (the network's stem strides to 32)
-    c.classifier.width = 16
-    c.classifier.steps, c.classifier.batch_size, c.classifier.lr = 600, 64, 3e-3  # ~98% top-1, ~2.5 CPU-min
-    return c
-
-
-JOB_SECTIONS = {
-    "pretrain": ("model", "data", "objectives", "optim"),
-    "eval": ("eval",),
-    "extract_latents": ("latents",),
-    "dit": ("dit", "latents", "optim"),
-    "stage2": ("data", "stage2", "optim"),
-    "study": ("study",),
-}
-
-
-def default_config(job: str = "pretrain") -> ml_collections.ConfigDict:
-    """Every field `job` reads, with defaults; configs/*.py start from this and override.
-
-    Shared by every job: `job`, `seed`, `train` (the runner) and `evals` (evaluators by name, each
-    a dict with a `type` from `vtp_jax.evals` and that evaluator's fields)."""
-    from vtp_jax.data import pipeline  # local: the data module imports config helpers
-
-    if job not in JOB_SECTIONS:
-        raise ValueError(f"job={job!r}: expected one of {sorted(JOB_SECTIONS)}")
+def base_config(job: str) -> ml_collections.ConfigDict:
+    """What every job reads: `job`, `seed`, `train` (the runner) and `evals` (evaluators by name,
+    each a dict with a `type` from `vtp_jax.evals` and that evaluator's fields)."""
     c = ml_collections.ConfigDict()
     c.job = job
     c.seed = 0
     c.train = train_config()
     c.evals = ml_collections.ConfigDict()
-    sections = JOB_SECTIONS[job]
-    if "model" in sections:
-        c.model = model_config()
-    if "data" in sections:
-        c.data = pipeline.data_config()
-    if "model" in sections and "data" in sections:
-        c.data.context_length = c.model.text.get_ref("context_length")  # one value for both
-        c.data.patch_size = c.model.get_ref("patch_size")  # iBOT mask grid
-    if "objectives" in sections:
-        c.objectives = objectives_config()
-    if "optim" in sections:
-        c.optim = optim_config()
-    if "eval" in sections:
-        c.eval = eval_config()
-    if "latents" in sections:
-        c.latents = latents_config()
-    if "dit" in sections:
-        c.dit = dit_config()
-    if "stage2" in sections:
-        c.stage2 = stage2_config()
-    if "study" in sections:
-        c.study = study_config()
     return c
 
 
-def paper_recipe(c: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
-    """VTP pre-training at pod scale (paper where it speaks, DINOv2 / OpenCLIP where silent)."""
-    with_size(c.model, size)
-    c.model.dtype = "bfloat16"  # compute; params and optimizer state stay float32
-    c.model.remat = "dots"
-    c.model.scan_layers = True  # one compiled block per stack: VTP-L compiles in ~2 min, not ~14
-    d = c.data  # paper: 256 px, B_clip 16k, B_ssl 4k, B_rec 2k (the data_config defaults)
-    d.source = "array_record"
-    d.paths = ""  # required: --config.data.paths='gs://.../*.array_record'
-    d.num_workers = 8
-    o = c.objectives  # paper: l_rec 0.1, l_ssl 1, l_clip 1 (the defaults)
-    o.lpips_params = ""  # required with lpips_weight > 0 (README: LPIPS weights)
-    o.warmup_teacher_temp_steps = 10_000  # DINOv2: 30 epochs of its schedule
-    o.freeze_last_layer_steps = 1_250  # DINOv2: one epoch of 1250 iterations
-    o.drop_path_ssl = 0.1  # DINOv2 ViT-L uses 0.3 at lower batch; not stated by VTP
-    opt = c.optim
-    opt.lr, opt.warmup_steps = 5e-4, 2_000  # OpenCLIP-style at 16k pairs per step
-    opt.layer_decay = 0.9  # DINOv2
-    opt.patch_embed_lr_mult = 0.2  # DINOv2
-    t = c.train
-    t.steps = 70_000  # ~1.1B samples at 16k per step (the paper's scaling runs)
-    t.mesh = (-1, 8, 1)  # FSDP over 8 devices (one host), data parallel across hosts
-    t.log_every, t.checkpoint_every, t.images_every = 100, 2_000, 2_000
+def tokenizer_config(job: str) -> ml_collections.ConfigDict:
+    """A job that trains a tokenizer on the grain pipeline: the model, its data and its optimizer,
+    the text context length and the iBOT mask grid tied to the model's."""
+    c = base_config(job)
+    c.model = model_config()
+    c.data = pipeline.data_config()
+    c.data.context_length = c.model.text.get_ref("context_length")  # one value for both
+    c.data.patch_size = c.model.get_ref("patch_size")  # iBOT mask grid
+    c.objectives = objectives_config()
+    c.optim = optim_config()
     return c
+
+
+def active(config: ml_collections.ConfigDict) -> dict[str, bool]:
+    """Which objectives have a weight: only those are traced, fed and built."""
+    o = config.objectives
+    return {"clip": o.l_clip > 0, "ssl": o.l_ssl > 0, "rec": o.l_rec > 0}
+
+
+def model_config_for(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The architecture without the parts no active objective trains (text tower, head, decoder)."""
+    m = config.model.copy_and_resolve_references()
+    on = active(config)
+    if not on["clip"]:
+        m.text.depth = 0
+    if not on["ssl"]:
+        m.head.prototypes = 0
+    if not on["rec"]:
+        m.decoder.depth = 0
+    return m

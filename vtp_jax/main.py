@@ -1,6 +1,7 @@
 """Entry point: `python -m vtp_jax.main --config=configs/X.py --workdir=DIR [--config.a.b=v ...]`.
 
-`config.job` names the job (pre-training, stage 2, the DiT, evaluation); the runner does the rest.
+`config.job` names the job (`vtp_jax.jobs.JOBS`: pretrain, stage2, eval, extract_latents, dit,
+study); the runner does the rest.
 
 Multi-process runs (TPU pods, SLURM, or `launch/local_multiprocess.sh`) call
 `jax.distributed.initialize` first: with no flags JAX detects the cluster (TPU, SLURM, ...);
@@ -14,6 +15,10 @@ import sys
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from vtp_jax import jobs
+from vtp_jax.checkpoints.released import CheckpointError
+from vtp_jax.config import ConfigError
 
 config_flags.DEFINE_config_file("config", None, "configs/*.py file", lock_config=True)
 flags.DEFINE_string("workdir", None, "logs, reconstructions and checkpoints (local path or gs://)")
@@ -45,21 +50,9 @@ def main(argv):
     _maybe_initialize_distributed()
     logging.info("process %d of %d, %d devices (%d local)", jax.process_index(), jax.process_count(),
                  jax.device_count(), jax.local_device_count())
-    from vtp_jax.checkpoints.released import CheckpointError
-    from vtp_jax.train import runner
-
     try:
-        if FLAGS.config.job == "extract_latents":  # a data job: no training state, no steps
-            from vtp_jax.data import latents
-
-            latents.extract(FLAGS.config, FLAGS.workdir)
-        elif FLAGS.config.job == "study":  # runs other jobs
-            from vtp_jax import study
-
-            study.run(FLAGS.config, FLAGS.workdir)
-        else:
-            runner.run(FLAGS.config, FLAGS.workdir)
-    except (runner.ConfigError, CheckpointError, FileNotFoundError) as e:  # bad input: the message, no traceback
+        jobs.run(FLAGS.config, FLAGS.workdir)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:  # bad input: the message, no traceback
         logging.error("%s", e)
         sys.exit(f"error: {e}")
 

@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 import vtp_jax
-from vtp_jax.models.vtp import IMAGENET_MEAN, IMAGENET_STD
+from vtp_jax.checkpoints.released import CheckpointError
+from vtp_jax.images import normalize, to_uint8
 
 
 def load_image(path: str, size: int, multiple: int) -> np.ndarray:
@@ -32,16 +33,6 @@ def load_image(path: str, size: int, multiple: int) -> np.ndarray:
             raise ValueError(f"{path}: {im.width}x{im.height} is smaller than one {multiple}px patch")
         left, top = (im.width - w) // 2, (im.height - h) // 2
         return np.asarray(im.crop((left, top, left + w, top + h)))
-
-
-def normalize(u8: np.ndarray) -> np.ndarray:
-    return ((u8 / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).astype(np.float32)
-
-
-def denormalize(x) -> np.ndarray:
-    """ImageNet-normalized float -> uint8, clipped."""
-    rgb = np.asarray(x, np.float64) * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
-    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
 
 
 def psnr(a_u8: np.ndarray, b_u8: np.ndarray) -> float:
@@ -75,8 +66,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--size", type=int, default=256, help="shorter side before the centre crop; 0 keeps the size")
     args = ap.parse_args(argv)
-    from vtp_jax.checkpoints.released import CheckpointError
-
     try:
         model = vtp_jax.load_pretrained(args.checkpoint)
     except (FileNotFoundError, CheckpointError) as e:
@@ -93,7 +82,7 @@ def main(argv=None) -> int:
             print(f"error: {path}: cannot use this image ({type(e).__name__}: {e})", file=sys.stderr)
             errors.append(path)
             continue
-        recon = denormalize(model.decode(model.encode(normalize(image)[None]))[0])
+        recon = to_uint8(model.decode(model.encode(normalize(image)[None]))[0])
         name = os.path.splitext(os.path.basename(path))[0]
         Image.fromarray(np.concatenate([image, recon], axis=1)).save(os.path.join(args.out, f"{name}.png"))
         print(f"{path}: {image.shape[1]}x{image.shape[0]} PSNR {psnr(image, recon):.2f} dB")

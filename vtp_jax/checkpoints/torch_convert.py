@@ -23,6 +23,7 @@ import sys
 import numpy as np
 from flax import serialization, traverse_util
 
+from vtp_jax.checkpoints import check_shapes
 from vtp_jax.models import inception as inception_lib
 from vtp_jax.models import lpips as lpips_lib
 
@@ -75,7 +76,7 @@ def lpips_params_from_state_dicts(vgg_sd: dict[str, np.ndarray], lin_sd: dict[st
     problems += [f"lin: unexpected {k}" for k in lin_sd if k not in lin_keys]
     if problems:
         raise ValueError("cannot convert LPIPS weights: " + "; ".join(problems))
-    lpips_lib.check_params(params, "converted LPIPS weights")
+    check_shapes(params, lpips_lib.param_shapes(), "converted LPIPS weights", "LPIPS-VGG16")
     return params
 
 
@@ -121,7 +122,7 @@ def inception_params_from_state_dict(sd: dict[str, np.ndarray]):
     if problems:
         raise ValueError("cannot convert FID Inception weights: " + "; ".join(problems))
     params = traverse_util.unflatten_dict(flat)
-    inception_lib.check_params(params, "converted FID Inception weights")
+    check_shapes(params, inception_lib.param_shapes(), "converted FID Inception weights", "FID Inception-v3")
     return params
 
 

@@ -1,8 +1,6 @@
-"""Cached tokenizer latents for the DiT: extraction, the record format, statistics, the pipeline.
+"""Cached tokenizer latents for the DiT: the record format, statistics, the pipeline.
 
-    python -m vtp_jax.main --config=configs/extract_latents.py --config.latents.tokenizer=DIR --workdir=W
-
-encodes the train split of a dataset (ImageNet via TFDS with ADM's centre crop at 256, ArrayRecord
+The `extract_latents` job (`vtp_jax.jobs.extract_latents`) encodes the train split of a dataset (ImageNet via TFDS with ADM's centre crop at 256, ArrayRecord
 shards or the procedural set) with a tokenizer, each image unflipped and flipped (LightningDiT
 draws one of the two per sample), into W/part-<k>-of-<P>-<p>.array_record: part k covers global
 batches [k * part_batches, (k + 1) * part_batches), each process writes its own rows, so the
@@ -15,15 +13,12 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 from typing import Iterator
 
 import grain
-import ml_collections
 import msgpack
 import numpy as np
-from absl import logging
 
 META, STATS = "meta.json", "stats.npz"
 
@@ -59,101 +54,6 @@ def shard_paths(folder: str) -> list[str]:
     if not paths:
         raise FileNotFoundError(f"no latent shards (part-*.array_record) in {folder}")
     return paths
-
-
-# ------------------------------------------------------------------------------------------------
-# Extraction.
-# ------------------------------------------------------------------------------------------------
-def extract(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Encodes config.latents.data's train split into `workdir` (see the module docstring);
-    returns the folder. Every process runs it (collectives), each writing its own files."""
-    import jax
-    import jax.numpy as jnp
-    from array_record.python.array_record_module import ArrayRecordWriter
-    from jax.experimental import multihost_utils
-
-    from vtp_jax.evals import evaluator
-    from vtp_jax.models.vtp import VTP
-    from vtp_jax.train import evaluate, runner, sharding
-
-    from vtp_jax import config as config_lib
-
-    try:
-        config_lib.check_fields(config, config_lib.default_config(config.job))
-    except ValueError as e:
-        raise runner.ConfigError(str(e)) from None
-    c = config.latents
-    if not c.tokenizer:
-        raise runner.ConfigError("latents.tokenizer is empty: give a release-format folder or a training workdir")
-    d = c.data
-    if d.source == "procedural" and not d.num_train_images:
-        raise runner.ConfigError("latents.data.num_train_images=0: the procedural set is unbounded, give a number")
-    mesh = sharding.make_mesh(config.train.mesh)
-    n_proc, pid = jax.process_count(), jax.process_index()
-    if d.batch_size % (sharding.batch_size_of(mesh) * n_proc):
-        raise runner.ConfigError(f"latents.data.batch_size={d.batch_size} is not divisible by the "
-                                 f"{sharding.batch_size_of(mesh)} batch shards and {n_proc} processes")
-    os.makedirs(workdir, exist_ok=True)
-    if os.path.isfile(os.path.join(workdir, META)):
-        logging.info("latents in %s are complete", workdir)
-        return workdir
-    model_cfg, params = evaluate.load_tokenizer(c.tokenizer)
-    model = VTP(model_cfg)
-    dtype = np.dtype(c.dtype)
-
-    @jax.jit
-    def encode(params, images):
-        z = model.apply({"params": params}, images, method=VTP.encode)
-        z_flip = model.apply({"params": params}, images[:, :, ::-1], method=VTP.encode)
-        return z, z_flip
-
-    with runner.scope_of(mesh):
-        params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        source = evaluator.make_source(d, train=True)
-        n_batches = math.ceil(math.ceil(len(source) / n_proc) / (d.batch_size // n_proc))
-        n_parts = math.ceil(n_batches / c.part_batches)
-        name = lambda k: os.path.join(workdir, f"part-{k:05d}-of-{n_proc:03d}-{pid:03d}.array_record")  # noqa: E731
-        done = [os.path.isfile(name(k)) for k in range(n_parts)]
-        done = multihost_utils.process_allgather(np.array(done)).reshape(-1, n_parts).all(axis=0) if n_proc > 1 \
-            else np.array(done)
-        batches = evaluator.batches(d, mesh, train=True)
-        h = d.image_size // model_cfg.patch_size
-        shape = (h, h, model_cfg.latent_dim)
-        for k in range(n_parts):
-            part = [next(batches, None) for _ in range(min(c.part_batches, n_batches - k * c.part_batches))]
-            if done[k]:
-                continue  # the pipeline still reads its batches: the order of the rest is unchanged
-            tmp = name(k) + ".tmp"
-            writer = ArrayRecordWriter(tmp, "group_size:1")
-            for b in part:
-                z, z_flip = encode(params, b["images"])
-                rows = jax.sharding.PartitionSpec(sharding.BATCH_AXES)
-                z, z_flip, labels, valid = (np.asarray(a) for a in multihost_utils.global_array_to_host_local_array(
-                    (z, z_flip, b["labels"], b["valid"]), mesh, rows))  # this process's rows
-                for i in np.flatnonzero(valid):
-                    writer.write(encode_record(z[i].astype(dtype), z_flip[i].astype(dtype), labels[i]))
-            writer.close()
-            os.replace(tmp, name(k))
-            logging.info("latents: part %d of %d written", k + 1, n_parts)
-        multihost_utils.sync_global_devices("latents written")
-        if pid == 0:
-            write_stats(workdir, shape, dtype, c.stats_samples, seed=config.seed)
-            meta = dict(shape=list(shape), dtype=dtype.name, tokenizer=os.path.abspath(c.tokenizer),
-                        num_classes=_num_classes(d), image_size=d.image_size, records=count_records(workdir))
-            with open(os.path.join(workdir, META), "w") as f:
-                json.dump(meta, f, indent=1)
-        multihost_utils.sync_global_devices("latents stats written")
-    return workdir
-
-
-def _num_classes(d) -> int:
-    from vtp_jax.data import procedural
-
-    if d.source == "procedural":
-        return len(procedural.CLASS_NAMES)
-    if d.source == "tfds" and d.tfds_name.split(":")[0] == "imagenet2012":
-        return 1000
-    return 0  # unknown: the DiT job takes 1 + the largest label it finds
 
 
 def count_records(folder: str) -> int:

@@ -32,6 +32,8 @@ import ml_collections
 import numpy as np
 
 from vtp_jax.data import sources, transforms
+from vtp_jax.data.tokenizer import get_tokenizer
+from vtp_jax.images import normalize
 
 VIEWS = ("clip", "ssl", "rec")
 # Per-reason record counters. skipped/*: the record was dropped; converted/*: it was kept after
@@ -176,8 +178,6 @@ class _Decode:
             if not caption.strip():  # identical empty texts would be contradictory CLIP targets
                 bump("skipped/empty_caption")
                 return out
-            from vtp_jax.data.tokenizer import get_tokenizer
-
             tokenizer = get_tokenizer()
             if len(tokenizer.encode(caption)) > self.c.context_length - 2:
                 bump("converted/caption_truncated")
@@ -241,7 +241,7 @@ class _ValidBatchesIterator(grain.DatasetIterator):
 
 class _Views:
     """(valid examples, counters) -> the step's batch of NumPy arrays (the batch contract of
-    `vtp_jax.train.pretrain.batch_spec`, per process)."""
+    `vtp_jax.jobs.pretrain.batch_spec`, per process)."""
 
     def __init__(self, c, seed: int, views: Collection[str], batch_ssl: int, batch_rec: int):
         self.c, self.seed, self.views = c, seed, views
@@ -258,15 +258,15 @@ class _Views:
         if "clip" in self.views:
             crops = [transforms.random_resized_crop(ex["image"], self._rng(ex["position"], _STREAM_CLIP),
                                                     c.image_size, c.clip_scale) for ex in examples]
-            out["clip_images"] = transforms.normalize(np.stack([np.asarray(x) for x in crops]))
+            out["clip_images"] = normalize(np.stack([np.asarray(x) for x in crops]))
             out["tokens"] = np.stack([ex["tokens"] for ex in examples])
         if self.batch_ssl:
             chosen = step_rng.choice(len(examples), self.batch_ssl, replace=False)
             crops = [transforms.multi_crop(examples[i]["image"], self._rng(examples[i]["position"], _STREAM_SSL), c)
                      for i in chosen]
-            out["ssl_global"] = transforms.normalize(np.stack([np.stack(g) for g, _ in crops]))
+            out["ssl_global"] = normalize(np.stack([np.stack(g) for g, _ in crops]))
             if c.local_crops_number:
-                out["ssl_local"] = transforms.normalize(np.stack([np.stack(l) for _, l in crops]))
+                out["ssl_local"] = normalize(np.stack([np.stack(l) for _, l in crops]))
             else:
                 out["ssl_local"] = np.zeros((self.batch_ssl, 0, c.local_crops_size, c.local_crops_size, 3), np.float32)
             grid = (c.global_crops_size // c.patch_size,) * 2
@@ -274,7 +274,7 @@ class _Views:
             out["ssl_masks"] = masks.reshape(self.batch_ssl, 2, *grid)  # (image, crop), as the crops
         if self.batch_rec:
             chosen = step_rng.choice(len(examples), self.batch_rec, replace=False)
-            out["rec_images"] = transforms.normalize(np.stack(
+            out["rec_images"] = normalize(np.stack(
                 [np.asarray(transforms.center_crop(examples[i]["image"], c.image_size)) for i in chosen]))
         out["_counts"] = counts
         return out
@@ -401,5 +401,5 @@ def _eval_batch(images, labels, batch_size):
     n = len(images)
     pad = batch_size - n
     images = np.stack(images + [np.zeros_like(images[0])] * pad)
-    return {"images": transforms.normalize(images), "labels": np.array(labels + [-1] * pad, np.int32),
+    return {"images": normalize(images), "labels": np.array(labels + [-1] * pad, np.int32),
             "valid": np.arange(batch_size) < n}

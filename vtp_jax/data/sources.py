@@ -8,11 +8,10 @@ demo data, converted shards and TFDS ImageNet run through the very same pipeline
 """
 from __future__ import annotations
 
-import ast
 import glob
-import importlib.util
 import io
 import os
+from importlib import resources
 from typing import Sequence
 
 import msgpack
@@ -101,19 +100,16 @@ def array_record_source(pattern: str | Sequence[str]):
     return grain.sources.ArrayRecordDataSource(shard_paths(pattern))
 
 
+def asset_lines(name: str) -> tuple[str, ...]:
+    """The non-empty lines of a text file shipped in vtp_jax/data/assets/."""
+    text = (resources.files("vtp_jax.data") / "assets" / name).read_text(encoding="utf-8")
+    return tuple(line for line in text.split("\n") if line)
+
+
 def imagenet_class_names() -> list[str]:
-    """The 1000 human-readable ImageNet names OpenAI / OpenCLIP use for zero-shot prompts, read
-    from open_clip's metadata file without importing open_clip (which would import torch)."""
-    spec = importlib.util.find_spec("open_clip")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = os.path.join(folder, "zero_shot_metadata.py")
-        if os.path.exists(path):
-            tree = ast.parse(open(path, encoding="utf-8").read())
-            for node in tree.body:
-                if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "IMAGENET_CLASSNAMES" for t in node.targets):
-                    return list(ast.literal_eval(node.value))
-    raise FileNotFoundError("ImageNet class names come from open_clip_torch's zero_shot_metadata.py: install it "
-                            "offline with `pip install --no-deps open_clip_torch` (no torch needed)")
+    """The 1000 human-readable ImageNet names OpenAI / OpenCLIP use for zero-shot prompts (OpenCLIP's
+    IMAGENET_CLASSNAMES, shipped as data), in label order."""
+    return list(asset_lines("imagenet_classes.txt"))
 
 
 class TFDSSource:

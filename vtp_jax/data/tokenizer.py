@@ -1,15 +1,15 @@
 """OpenAI CLIP byte-level BPE (the tokenizer of OpenCLIP and of the released VTP text tower).
 
-The merges file ships inside the `open_clip_torch` wheel; we locate it without importing
-open_clip (which would import torch), or take an explicit path.
+The merges file ships with this package (vtp_jax/data/assets/, MIT-licensed, as OpenCLIP ships
+it); $VTP_BPE_VOCAB or `vocab_path=` point at another copy.
 """
 from __future__ import annotations
 
 import functools
 import gzip
 import html
-import importlib.util
 import os
+from importlib import resources
 from typing import Sequence
 
 import numpy as np
@@ -19,20 +19,18 @@ SOT, EOT, PAD = 49406, 49407, 0
 CONTEXT_LENGTH = 77
 _VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 _N_MERGES = 49152 - 256 - 2
-HOW_TO_GET_VOCAB = ("Install it offline with `pip install --no-deps open_clip_torch` (no torch needed), or set "
-                    f"VTP_BPE_VOCAB / pass vocab_path= to a copy of {_VOCAB_FILE}.")
+HOW_TO_GET_VOCAB = (f"Unset VTP_BPE_VOCAB to use the {_VOCAB_FILE} shipped with vtp_jax, or point it at a copy "
+                    "of that file.")
 
 
 def find_vocab_file() -> str:
-    """The merges file from $VTP_BPE_VOCAB or from the installed open_clip_torch wheel."""
+    """The merges file: $VTP_BPE_VOCAB when set, else the one shipped with the package."""
     if os.environ.get("VTP_BPE_VOCAB"):
-        return os.environ["VTP_BPE_VOCAB"]
-    spec = importlib.util.find_spec("open_clip")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = os.path.join(folder, _VOCAB_FILE)
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError(f"CLIP BPE vocabulary {_VOCAB_FILE} not found. " + HOW_TO_GET_VOCAB)
+        path = os.environ["VTP_BPE_VOCAB"]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"VTP_BPE_VOCAB={path} does not exist. " + HOW_TO_GET_VOCAB)
+        return path
+    return str(resources.files("vtp_jax.data") / "assets" / _VOCAB_FILE)
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -50,8 +48,8 @@ class Tokenizer:
     """Text -> CLIP ids; `bpe` results are cached per word, which makes 16k captions cheap."""
 
     def __init__(self, vocab_path: str | None = None):
-        import regex  # third-party `regex`: needs \p{L} / \p{N} classes.
         import ftfy
+        import regex  # third-party `regex`: needs \p{L} / \p{N} classes.
 
         self._ftfy = ftfy
         with gzip.open(vocab_path or find_vocab_file(), "rt", encoding="utf-8") as f:

@@ -15,8 +15,6 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
-IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)
 _EXIF_ORIENTATION = 0x0112
 
 # Our own pixel limit (`max_pixels`) replaces PIL's global one, which would otherwise warn (or
@@ -209,11 +207,6 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 def squash_resize(img: Image.Image, size: int) -> Image.Image:
     """Both sides to `size` ignoring aspect (VTP's zero-shot evaluation preprocessing)."""
     return img.resize((size, size), Image.BICUBIC)
-
-
-def normalize(images: np.ndarray) -> np.ndarray:
-    """uint8 (..., 3) -> float32 ImageNet-normalized, the model's input space."""
-    return (images.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
 def block_mask(rng: np.random.Generator, grid: tuple[int, int], num_masking_patches: int, *,

@@ -72,7 +72,7 @@ def inception_logits(params, images, dtype=jnp.float32):
 
 def load_inception_params(path: str):
     """The FID Inception params from a converted file, checked against the module's shapes."""
-    return load_converted(path, inception_lib.check_params, "FID Inception", _HOW_TO_CONVERT)
+    return load_converted(path, inception_lib.param_shapes(), "FID Inception-v3", _HOW_TO_CONVERT)
 
 
 class BatchMoments(NamedTuple):

@@ -13,9 +13,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from vtp_jax import images, objectives, sharding
+from vtp_jax.data import eval_splits
+from vtp_jax.data import latents as latents_lib
 from vtp_jax.evals import evaluator, fid
+from vtp_jax.models.classifier import DomainClassifier
 
 
 def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
@@ -68,7 +73,7 @@ class GenerationEvaluator:
                 self._reference = fid.load_reference_stats(self.e.reference_stats)
             else:
                 real = fid.FeatureStats()
-                for b in evaluator.batches(self.e.data, self.mesh):
+                for b in eval_splits.batches(self.e.data, self.mesh):
                     real.update(jax.device_get(self._stats(_quantize(b["images"], jnp.round), b["valid"])[0]))
                 self._reference = real.mu(), real.sigma()
                 logging.info("generation: reference statistics from %d real images of %s", real.count,
@@ -79,8 +84,6 @@ class GenerationEvaluator:
         if not self.enabled:
             return {}
         from jax.experimental import multihost_utils
-
-        from vtp_jax.train import sharding
 
         g, e = self.generator, self.e
         rng = np.random.default_rng(e.seed)
@@ -101,10 +104,8 @@ class GenerationEvaluator:
 
 
 def _quantize(x, how):
-    """ImageNet-normalized batch (what `evaluator.batches` yields) -> uint8 values / 255."""
-    from vtp_jax.models.vtp import IMAGENET_MEAN, IMAGENET_STD
-
-    return how(255 * (x * jnp.array(IMAGENET_STD) + jnp.array(IMAGENET_MEAN))) / 255
+    """ImageNet-normalized batch (what `eval_splits.batches` yields) -> uint8 values / 255."""
+    return how(255 * images.denormalize(x)) / 255
 
 
 class ClassConditionalEvaluator:
@@ -125,8 +126,6 @@ class ClassConditionalEvaluator:
     def __init__(self, generator, mesh, e):
         from flax import serialization
 
-        from vtp_jax.models.classifier import DomainClassifier
-
         self.generator, self.mesh, self.e = generator, mesh, e
         if not e.classifier_params:
             raise ValueError("class_conditional.classifier_params is empty: give the domain classifier's weights")
@@ -142,7 +141,7 @@ class ClassConditionalEvaluator:
             from jax.experimental import multihost_utils
 
             feats = []
-            for b in evaluator.batches(self.e.data, self.mesh):
+            for b in eval_splits.batches(self.e.data, self.mesh):
                 _, f = self._classify(self.params, _quantize(b["images"], jnp.round))
                 f, valid = multihost_utils.process_allgather((f, b["valid"]), tiled=True)
                 feats.append(np.asarray(f)[np.asarray(valid)])
@@ -151,8 +150,6 @@ class ClassConditionalEvaluator:
 
     def run(self, params) -> dict:
         from jax.experimental import multihost_utils
-
-        from vtp_jax.train import sharding
 
         g, e = self.generator, self.e
         labels_all = np.repeat(np.arange(g.num_classes), e.samples_per_class).astype(np.int32)
@@ -177,7 +174,7 @@ class ClassConditionalEvaluator:
 
 class FlowLossEvaluator:
     """The DiT's rectified-flow loss on held-out latents (`latents`: a folder from
-    `vtp_jax.data.latents.extract` of a validation split), with fixed noise and logit-normal t per
+    the `extract_latents` job on a validation split), with fixed noise and logit-normal t per
     record, so every run and every checkpoint is scored on the same draws."""
 
     @staticmethod
@@ -190,9 +187,6 @@ class FlowLossEvaluator:
         return c
 
     def __init__(self, generator, mesh, e):
-        from vtp_jax import objectives
-        from vtp_jax.data import latents as latents_lib
-
         if not e.latents:
             raise ValueError("flow_loss.latents is empty: give a folder of held-out latents (extract_latents)")
         self.generator, self.mesh, self.e = generator, mesh, e
@@ -214,8 +208,6 @@ class FlowLossEvaluator:
         self._losses = jax.jit(losses)
 
     def run(self, params) -> dict:
-        from vtp_jax import objectives
-
         e = self.e
         rng = jax.random.key(e.seed)
         total = 0.0

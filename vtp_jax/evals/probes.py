@@ -16,10 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from vtp_jax.axes import batch_axes, n_batch_shards, over_batch_shards
+from vtp_jax.data import eval_splits
 from vtp_jax.evals.zero_shot import topk_correct
+from vtp_jax.models.vtp import VTP
+from vtp_jax.sharding import batch_axes, n_batch_shards, over_batch_shards
 
 __all__ = ["DINOV2_LRS", "linear_probe", "knn"]
 
@@ -244,8 +247,6 @@ FEATURES = ("latent_pooled", "latent_flat", "cls", "cls_patch", "cls4_patch")
 
 
 def _feature_fn(model, names):
-    from vtp_jax.models.vtp import VTP
-
     depth = model.config.depth
     layers = tuple(range(max(depth - 4, 0), depth)) if "cls4_patch" in names else ()
 
@@ -288,10 +289,8 @@ class _Probe:
     def extract(self, params, train: bool):
         from jax.experimental import multihost_utils
 
-        from vtp_jax.evals import evaluator
-
         feats, labels = {k: [] for k in self.e.features}, []
-        for b in evaluator.batches(self.e.data, self.mesh, train=train):
+        for b in eval_splits.batches(self.e.data, self.mesh, train=train):
             out = self._features(params, b["images"])
             out, y, valid = multihost_utils.process_allgather((out, b["labels"], b["valid"]), tiled=True)
             for k in feats:

@@ -9,6 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vtp_jax import images, objectives
+from vtp_jax.data import eval_splits
+from vtp_jax.evals import evaluator, fid
+from vtp_jax.models.vtp import VTP
+
 __all__ = ["psnr", "ssim"]
 
 # torchmetrics' StructuralSimilarityIndexMeasure defaults; it derives the window from sigma as
@@ -80,13 +85,6 @@ def ssim(x, y, data_range=1.0):
 # ------------------------------------------------------------------------------------------------
 # The evaluator: encode -> decode on a split, as the release's tools/ score it.
 # ------------------------------------------------------------------------------------------------
-def _to_unit(x):
-    """ImageNet-normalized -> [0, 1] RGB."""
-    from vtp_jax.models.vtp import IMAGENET_MEAN, IMAGENET_STD
-
-    return x * jnp.array(IMAGENET_STD) + jnp.array(IMAGENET_MEAN)
-
-
 class Evaluator:
     """PSNR and SSIM, plus LPIPS (VGG) and rFID (pytorch-fid's Inception) when their weights are
     given, of a tokenizer's reconstructions (encode -> decode) of a split (ADM centre crop).
@@ -106,11 +104,8 @@ class Evaluator:
         return c
 
     def __init__(self, model, mesh, e):
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
-        from vtp_jax import objectives
-        from vtp_jax.evals import evaluator, fid
-        from vtp_jax.models.vtp import VTP
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
 
         self.e, self.mesh = e, mesh
         replicate = lambda t: jax.device_put(t, NamedSharding(mesh, P()))  # noqa: E731
@@ -120,10 +115,10 @@ class Evaluator:
                                                            "inception_params") \
             else replicate(fid.load_inception_params(e.inception_params))
 
-        def sums(params, lpips_params, inception_params, images, valid):
-            latents = model.apply({"params": params}, images, method=VTP.encode)
+        def sums(params, lpips_params, inception_params, batch_images, valid):
+            latents = model.apply({"params": params}, batch_images, method=VTP.encode)
             recon = model.apply({"params": params}, latents, method=VTP.decode)
-            x, r = _to_unit(images), jnp.clip(_to_unit(recon), 0.0, 1.0)
+            x, r = images.denormalize(batch_images), jnp.clip(images.denormalize(recon), 0.0, 1.0)
             zero = lambda v: jnp.where(valid, v, 0.0)  # noqa: E731
             out = {"count": jnp.sum(valid), "psnr": jnp.sum(zero(psnr(255 * x, 255 * r))),
                    "ssim": jnp.sum(zero(ssim(x, r)))}
@@ -137,10 +132,8 @@ class Evaluator:
         self._sums = jax.jit(sums)
 
     def run(self, params) -> dict:
-        from vtp_jax.evals import evaluator, fid
-
         totals, real, fake = {}, fid.FeatureStats(), fid.FeatureStats()
-        for b in evaluator.batches(self.e.data, self.mesh):
+        for b in eval_splits.batches(self.e.data, self.mesh):
             out = jax.device_get(self._sums(params, self.lpips, self.inception, b["images"], b["valid"]))
             if "real" in out:
                 real.update(out.pop("real"))

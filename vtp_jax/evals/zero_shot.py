@@ -7,34 +7,29 @@ across devices; a padding row never counts.
 from __future__ import annotations
 
 import functools
-from importlib import resources
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vtp_jax.data import procedural
+from vtp_jax.data import eval_splits, procedural, sources, tokenizer
+from vtp_jax.models.vtp import VTP
 
 __all__ = ["imagenet_classnames", "openai_templates", "procedural_prompts", "classifier_weights",
            "zero_shot_logits", "topk_correct"]
 
 
-def _lines(name: str) -> tuple[str, ...]:
-    text = (resources.files(__package__) / "data" / name).read_text(encoding="utf-8")
-    return tuple(line for line in text.split("\n") if line)
-
-
 @functools.cache
 def imagenet_classnames() -> tuple[str, ...]:
     """OpenCLIP's 1000 ImageNet class names (IMAGENET_CLASSNAMES), in label order."""
-    return _lines("imagenet_classes.txt")
+    return tuple(sources.imagenet_class_names())
 
 
 @functools.cache
 def openai_templates() -> tuple[str, ...]:
     """The 80 prompt templates of OpenAI's CLIP ImageNet ensemble; `{}` stands for the class."""
-    return _lines("openai_imagenet_templates.txt")
+    return sources.asset_lines("openai_imagenet_templates.txt")
 
 
 @functools.cache
@@ -121,9 +116,6 @@ class Evaluator:
     def __init__(self, model, mesh, e):
         from absl import logging
 
-        from vtp_jax.data import tokenizer
-        from vtp_jax.models.vtp import VTP
-
         if e.classes not in ("imagenet", "procedural"):
             raise ValueError(f"zero_shot.classes={e.classes!r}: expected 'imagenet' or 'procedural'")
         self.e, self.mesh = e, mesh
@@ -146,11 +138,9 @@ class Evaluator:
     def run(self, params) -> dict:
         if not self.enabled:
             return {}
-        from vtp_jax.evals import evaluator
-
         weights = classifier_weights(lambda ids: self._text(params, ids), self.tokenize, *self.prompts)
         hits, n = np.zeros(2), 0
-        for b in evaluator.batches(self.e.data, self.mesh):
+        for b in eval_splits.batches(self.e.data, self.mesh):
             hits += np.asarray(jax.device_get(self._counts(params, weights, b["images"], b["labels"], b["valid"])))
             n += int(jax.device_get(b["valid"].sum()))
         return {"top1": hits[0] / max(n, 1), "top5": hits[1] / max(n, 1)}

@@ -181,7 +181,8 @@ class LightningDiT(nn.Module):
         hidden = swiglu_hidden(d, self.mlp_ratio)
 
         def make(name):
-            return block(self.num_heads, hidden, self.qk_norm, self.attention, self.dtype, name=name)
+            return block(num_heads=self.num_heads, mlp_hidden=hidden, qk_norm=self.qk_norm, attention=self.attention,
+                         dtype=self.dtype, name=name)
 
         x, _ = apply_blocks(make, self.depth, x, c, rope, scan=self.scan_layers)
         return FinalLayer(p, self.in_channels * (2 if self.learn_sigma else 1), self.dtype, name="final_layer")(x, c)

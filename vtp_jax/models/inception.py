@@ -18,12 +18,9 @@ import functools
 from typing import Any
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from vtp_jax.checkpoints import check_shapes
+from flax import traverse_util
 
 from vtp_jax.models.layers import param_with_axes
 
@@ -238,7 +235,3 @@ def param_shapes() -> dict[str, tuple[int, ...]]:
     """'/'-joined parameter paths -> shapes, derived from the module so files are checked against it."""
     return dict(_param_shapes())
 
-
-def check_params(params, source: str) -> None:
-    """Raise one error listing every missing, unexpected or mis-shaped FID Inception parameter."""
-    check_shapes(params, param_shapes(), source, "FID Inception-v3")

@@ -3,7 +3,7 @@
 The same `Block` serves the vision trunk (RMSNorm, SwiGLU, RoPE on patch tokens), the pixel
 decoder (LayerNorm, SwiGLU, RoPE on all tokens) and the text tower (LayerNorm, GELU, causal).
 Every parameter carries logical axis names ('embed', 'mlp', 'heads', 'kv', 'vocab', 'norm') so
-that the trainer shards them by rules declared once in `vtp_jax.train.sharding`.
+that the trainer shards them by rules declared once in `vtp_jax.sharding`.
 
 A stack of blocks runs unrolled (modules blocks_0 .. blocks_{depth-1}) or under one `nn.scan`
 (one module `blocks` whose parameters carry a leading 'layers' axis): scanning compiles one block
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from vtp_jax.axes import n_batch_shards
+from vtp_jax.sharding import n_batch_shards
 
 Dtype = Any
 _BF16 = ml_dtypes.bfloat16
@@ -242,7 +242,8 @@ class Block(nn.Module):
 
     Stochastic depth is DINOv2's batch-subset variant: each residual branch runs on a random
     subset of int(B * (1 - rate)) samples and is added back scaled by B / kept, which saves the
-    dropped samples' compute instead of multiplying them by zero.
+    dropped samples' compute instead of multiplying them by zero. Build it with keywords: its many
+    flags are easy to swap by position.
     """
 
     num_heads: int
@@ -263,9 +264,11 @@ class Block(nn.Module):
         qkv_std, proj_std, fc_std, mlp_proj_std = self.init_stds
         # Keeps GSPMD from sharding activations along features under FSDP (no-op without rules).
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-        attn = Attention(self.num_heads, self.qk_norm, self.causal, self.rope_bf16, self.attention,
-                         qkv_std, proj_std, self.dtype, name="attn")
-        mlp = Mlp(self.mlp_hidden, self.mlp, fc_std, mlp_proj_std, self.dtype, name="mlp")
+        attn = Attention(num_heads=self.num_heads, qk_norm=self.qk_norm, causal=self.causal, rope_bf16=self.rope_bf16,
+                         implementation=self.attention, qkv_std=qkv_std, proj_std=proj_std, dtype=self.dtype,
+                         name="attn")
+        mlp = Mlp(hidden=self.mlp_hidden, kind=self.mlp, fc_std=fc_std, proj_std=mlp_proj_std, dtype=self.dtype,
+                  name="mlp")
         norm1 = norm_layer(self.norm, self.norm_eps, "norm1", self.dtype)
         norm2 = norm_layer(self.norm, self.norm_eps, "norm2", self.dtype)
 

@@ -11,12 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from vtp_jax.checkpoints import check_shapes
+from flax import traverse_util
 
 Dtype = Any
 
@@ -92,7 +89,3 @@ def param_shapes() -> dict[str, tuple[int, ...]]:
     params = jax.eval_shape(LPIPS().init, jax.random.key(0), img, img)["params"]
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
 
-
-def check_params(params, source: str) -> None:
-    """Raise one error listing every missing, unexpected or mis-shaped LPIPS parameter."""
-    check_shapes(params, param_shapes(), source, "LPIPS-VGG16")

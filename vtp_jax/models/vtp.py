@@ -18,9 +18,6 @@ from vtp_jax.models.heads import DINOHead
 from vtp_jax.models.layers import (apply_blocks, dense, l2_normalize, mlp_hidden, norm_layer, param_with_axes,
                                    remat_block, rope_tables)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def _dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
@@ -54,8 +51,9 @@ class RopeTransformer(nn.Module):
         hidden = mlp_hidden(self.mlp, self.width, self.mlp_ratio)
 
         def make(name):
-            return block(self.num_heads, hidden, self.mlp, self.norm, None, self.qk_norm, self.layerscale,
-                         False, self.rope_bf16, self.attention, dtype=self.dtype, name=name)
+            return block(num_heads=self.num_heads, mlp_hidden=hidden, mlp=self.mlp, norm=self.norm, norm_eps=None,
+                         qk_norm=self.qk_norm, layerscale=self.layerscale, causal=False, rope_bf16=self.rope_bf16,
+                         attention=self.attention, dtype=self.dtype, name=name)
 
         return apply_blocks(make, self.depth, x, rope, static=(drop_rate,), scan=self.scan_layers, keep=keep)
 
@@ -161,8 +159,9 @@ class TextTower(nn.Module):
         block = remat_block(self.remat)
 
         def make(name):
-            return block(self.num_heads, int(self.width * self.mlp_ratio), "gelu", "layernorm", 1e-5, False, None,
-                         True, False, self.attention, stds, dtype=self.dtype, name=name)
+            return block(num_heads=self.num_heads, mlp_hidden=int(self.width * self.mlp_ratio), mlp="gelu",
+                         norm="layernorm", norm_eps=1e-5, qk_norm=False, layerscale=None, causal=True, rope_bf16=False,
+                         attention=self.attention, init_stds=stds, dtype=self.dtype, name=name)
 
         x, _ = apply_blocks(make, self.depth, x, None, static=(0.0,), scan=self.scan_layers)
         x = norm_layer("layernorm", 1e-5, name="ln_final", dtype=self.dtype)(x)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from vtp_jax.axes import batch_axes, n_batch_shards, over_batch_shards
+from vtp_jax.sharding import batch_axes, n_batch_shards, over_batch_shards
 
 __all__ = ["clip_loss"]
 

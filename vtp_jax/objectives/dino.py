@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from vtp_jax.axes import batch_axes, n_batch_shards, over_batch_shards
+from vtp_jax.sharding import batch_axes, n_batch_shards, over_batch_shards
 
 __all__ = [
     "softmax_center_teacher", "update_center", "sinkhorn_knopp_teacher", "dino_loss",

@@ -6,7 +6,6 @@ needs torch.
 """
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 
@@ -54,4 +53,4 @@ def reconstruction_loss(lpips_params, x, y, l1_weight=1.0, lpips_weight=1.0, dty
 
 def load_lpips_params(path: str):
     """The LPIPS params pytree from a converted file, checked against the module's shapes."""
-    return load_converted(path, lpips_lib.check_params, "LPIPS", _HOW_TO_CONVERT)
+    return load_converted(path, lpips_lib.param_shapes(), "LPIPS-VGG16", _HOW_TO_CONVERT)

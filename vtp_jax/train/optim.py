@@ -108,6 +108,26 @@ def make_optimizer(o: ml_collections.ConfigDict, params, steps: int, depth: int,
     return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=2 ** 31 - 1)
 
 
+def finite(loss, *opt_states) -> jax.Array:
+    """True when the step is usable: a finite loss and every optimizer's gradients finite."""
+    ok = jnp.isfinite(loss)
+    for s in opt_states:
+        ok = ok & s.last_finite
+    return ok
+
+
+def keep_if(ok, new, old):
+    """`new` where `ok`, else `old`, leaf by leaf: `apply_if_finite` already skips the update of a
+    non-finite step; this keeps what the step derives besides (EMA, teacher, centers) from it too."""
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def nonfinite_metrics(*opt_states) -> dict:
+    """The counters the runner's guard reads: skipped steps in a row (the worst optimizer) and in all."""
+    return dict(nonfinite_in_a_row=jnp.max(jnp.stack([s.notfinite_count for s in opt_states])),
+                nonfinite_total=sum(s.total_notfinite for s in opt_states))
+
+
 def current_lr(opt_state) -> jax.Array:
     """The scheduled lr of this step, read from the injected hyperparameters."""
     inner = opt_state.inner_state

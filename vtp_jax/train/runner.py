@@ -1,11 +1,11 @@
 """THE training loop, shared by every job.
 
-A job (`vtp_jax.train.pretrain`, `.stage2`, `.dit`, `.evaluate`) is a module with
-`validate(config, n_batch_shards, n_processes) -> [errors]` and `make_job(config, mesh) -> Job`:
-it brings its state, its step, its data and its hooks. The runner owns everything else: the mesh,
-the sharded state layout (from the logical axis names of the job's parameters), jit with donation,
-orbax checkpoints together with the data iterator's state, preemption, the non-finite guard,
-metric writing, MFU, the evaluators named in `config.evals`, and the final export.
+A job (a module of `vtp_jax.jobs`, found there by `config.job`) has `default_config()`,
+`validate(config, n_batch_shards, n_processes) -> [errors]` and `make_job(config, mesh, workdir) ->
+Job`: it brings its state, its step, its data and its hooks. The runner owns everything else: the
+config check, the mesh, the sharded state layout (from the logical axis names of the job's state),
+jit with donation, orbax checkpoints together with the data iterator's state, preemption, the
+non-finite guard, metric writing, MFU, the evaluators named in `config.evals`, and the export.
 
     python -m vtp_jax.main --config=configs/X.py --workdir=W      # config.job picks the job
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import os
 import signal
@@ -27,21 +26,21 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
+from jax.experimental import multihost_utils
 from jax.extend import core as jax_core
+from PIL import Image
 
 from vtp_jax import config as config_lib
-from vtp_jax.train import sharding
-
-JOBS = {"pretrain": "vtp_jax.train.pretrain", "stage2": "vtp_jax.train.stage2", "dit": "vtp_jax.train.dit",
-        "eval": "vtp_jax.train.evaluate"}
+from vtp_jax import images, sharding
+from vtp_jax.data import pipeline
+from vtp_jax.evals import evaluator
 
 # Dense bf16 peak FLOP/s per device (vendor figures), by jax device_kind substring.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
               "TPU v6": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
 
 
-class ConfigError(ValueError):
-    """An impossible config, reported before anything compiles."""
+ConfigError = config_lib.ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +55,9 @@ class Hook:
 class Job:
     """What a job brings to the runner.
 
-    init: rng -> state whose parameters are boxed with logical axis names (nn.Partitioned); the
-      runner derives every leaf's sharding from them (optimizer / EMA leaves follow their param).
+    init: rng -> state whose parameters are boxed with logical axis names (nn.Partitioned), kept
+      through `tx.init` so that optimizer moments and EMA copies carry them too; the runner
+      derives every leaf's sharding from the names (unnamed leaves are replicated).
     step: (state, global batch, consts) -> (state, metrics), pure; None for a job that only
       evaluates. Metrics may hold `nonfinite_in_a_row` (the runner aborts past train.max_nonfinite).
     data: () -> this process's iterator of NumPy batches (a grain iterator: checkpointed with the
@@ -78,6 +78,7 @@ class Job:
     eval_params: Callable[[Any], Any] = lambda state: state.params
     export: Callable[[Any, str], None] | None = None
     model: Any = None  # the Flax module the job trains (for hooks, benchmarks and tests)
+    run: Callable[[], dict] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,22 +100,13 @@ class Trainer:
         return self.job.consts
 
 
-def job_module(config: ml_collections.ConfigDict):
-    if config.job not in JOBS:
-        raise ConfigError(f"job={config.job!r}: expected one of {sorted(JOBS)}")
-    return importlib.import_module(JOBS[config.job])
-
-
-def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes: int = 1):
+def validate(job_module, config: ml_collections.ConfigDict, n_batch_shards: int, n_processes: int = 1):
     """Every problem of the config in one message, each on its own line (before any compile)."""
     try:
-        config_lib.check_fields(config, config_lib.default_config(config.get("job", "pretrain")))
+        config_lib.check_fields(config, job_module.default_config())
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    errs = job_module(config).validate(config, n_batch_shards, n_processes)
-    from vtp_jax.evals import evaluator
-
-    errs += evaluator.validate(config)
+    errs = job_module.validate(config, n_batch_shards, n_processes) + evaluator.validate(config)
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
 
@@ -174,38 +166,16 @@ def _jaxpr_flops(jaxpr) -> float:
     return total
 
 
-def state_shardings(abstract_boxed_state, mesh):
-    """Params by their logical names; leaves shaped like a parameter (teacher / EMA twins,
-    optimizer moments) found at the same path suffix like that parameter; the rest replicated."""
-    boxed_leaves = jax.tree_util.tree_flatten_with_path(
-        abstract_boxed_state, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
-    boxed = {tuple(map(str, p)): x for p, x in boxed_leaves if isinstance(x, nn.Partitioned)}
-    by_suffix = {}
-    for path, box in boxed.items():
-        sh = sharding.logical_shardings(box, mesh)
-        for i in range(len(path)):  # a path inside the params, e.g. ('trunk', 'blocks_0', ...)
-            by_suffix.setdefault(path[i:], (box.value.shape, sh))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def like_param(path, x):
-        path = tuple(map(str, path))
-        for i in range(len(path)):
-            shape_sh = by_suffix.get(path[i:])
-            if shape_sh is not None and shape_sh[0] == x.shape:
-                return shape_sh[1]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(like_param, nn.meta.unbox(abstract_boxed_state))
-
-
-def build(config: ml_collections.ConfigDict, mesh=None) -> Trainer:
-    """Validates the config, then builds the job, the mesh, the sharded state layout and the
-    jitted step. Call `init` / `step` inside `with scope(trainer)`."""
+def build(job_module, config: ml_collections.ConfigDict, mesh=None, workdir: str | None = None) -> Trainer:
+    """Validates the config, then builds the job, the mesh, the sharded state layout (every leaf
+    from its logical axis names) and the jitted step. Call `init` / `step` inside `with scope(trainer)`."""
     mesh = mesh or sharding.make_mesh(config.train.mesh)
-    validate(config, sharding.batch_size_of(mesh), jax.process_count())
-    config = config.copy_and_resolve_references()
-    job = job_module(config).make_job(config, mesh)
-    shardings = state_shardings(jax.eval_shape(job.init, jax.random.key(0)), mesh)
+    validate(job_module, config, sharding.batch_size_of(mesh), jax.process_count())
+    job = job_module.make_job(config.copy_and_resolve_references(), mesh, workdir)
+    config = job.config
+    if job.run is not None:
+        return Trainer(config, mesh, job, None, None, None)
+    shardings = sharding.logical_shardings(jax.eval_shape(job.init, jax.random.key(0)), mesh)
     init = jax.jit(lambda r: nn.meta.unbox(job.init(r)), out_shardings=shardings)
     step = None
     if job.step is not None:
@@ -243,8 +213,6 @@ class Preemption:
 def _save(manager, step, state, data_iter):
     items = dict(state=ocp.args.StandardSave(state))
     if data_iter is not None:
-        from vtp_jax.data import pipeline
-
         items["data"] = pipeline.checkpoint_save_args(data_iter)
     manager.save(step, args=ocp.args.Composite(**items))
 
@@ -252,23 +220,20 @@ def _save(manager, step, state, data_iter):
 def _restore(manager, step, abstract_state, data_iter):
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iter is not None:
-        from vtp_jax.data import pipeline
-
         items["data"] = pipeline.checkpoint_restore_args(data_iter)
     return manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(job_module, config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the job until config.train.steps; returns the last logged metrics (host floats) and
     the last evaluation's results."""
     workdir = os.path.abspath(workdir)
     mesh = sharding.make_mesh(config.train.mesh)
-    validate(config, sharding.batch_size_of(mesh), jax.process_count())
-    module = job_module(config)
-    if hasattr(module, "prepare"):  # work a job needs done before it can be built (the DiT's latents)
-        config = module.prepare(config, workdir)
-    tr = build(config, mesh)
+    tr = build(job_module, config, mesh, workdir)
     config, mesh, job = tr.config, tr.mesh, tr.job
+    if job.run is not None:
+        with scope(tr):
+            return job.run()
     t = config.train
     steps = t.steps if job.step is not None else 0
     rng = jax.random.key(config.seed)
@@ -298,8 +263,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if job.step is not None:
                 parameter_overview.log_parameter_overview(job.eval_params(state))
         start = int(state.step) if hasattr(state, "step") else 0
-        from vtp_jax.evals import evaluator
-
         evaluators = evaluator.build(config, job.eval_target, mesh)
         results = {}
 
@@ -370,6 +333,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             job.export(state, os.path.join(workdir, "export"))
         writer.flush()
     return {**metrics, **results}
+
+
+def write_images(writer, workdir: str, step: int, name: str, rows) -> None:
+    """(N, H, W, 3) uint8 pictures to TensorBoard and, stacked, to workdir/name/<step>.png
+    (process 0 writes; every process calls it)."""
+    rows = np.asarray(rows)
+    writer.write_images(step, {name: rows})
+    if jax.process_index() == 0:
+        os.makedirs(os.path.join(workdir, name), exist_ok=True)
+        Image.fromarray(np.concatenate(list(rows), 0)).save(os.path.join(workdir, name, f"{step:07d}.png"))
+
+
+def write_image_rows(writer, workdir: str, step: int, name: str, *columns, n: int = 8) -> None:
+    """Rows of side-by-side images (input | reconstruction | ...), each column an ImageNet-
+    normalised, globally sharded batch, gathered from every host and written by `write_images`."""
+    columns = multihost_utils.process_allgather(columns, tiled=True)
+    write_images(writer, workdir, step, name, images.side_by_side(columns, n))
 
 
 def _write_json(path, metrics):

@@ -21,8 +21,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from vtp_jax import objectives
-from vtp_jax.models.vtp import IMAGENET_MEAN, IMAGENET_STD, VTP
+from vtp_jax import config as config_lib
+from vtp_jax import images, objectives, sharding
+from vtp_jax.checkpoints import released, tokenizers
+from vtp_jax.data import pipeline, tokenizer
+from vtp_jax.models.vtp import VTP
 from vtp_jax.train import optim, runner
 
 TEACHER_MODULES = ("trunk", "visual_proj", "dino_head")
@@ -39,22 +42,8 @@ class TrainState:
     rng: jax.Array
 
 
-def active(config: ml_collections.ConfigDict) -> dict[str, bool]:
-    o = config.objectives
-    return {"clip": o.l_clip > 0, "ssl": o.l_ssl > 0, "rec": o.l_rec > 0}
-
-
-def model_config_for(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The architecture without the parts no active objective trains (text tower, head, decoder)."""
-    m = config.model.copy_and_resolve_references()
-    on = active(config)
-    if not on["clip"]:
-        m.text.depth = 0
-    if not on["ssl"]:
-        m.head.prototypes = 0
-    if not on["rec"]:
-        m.decoder.depth = 0
-    return m
+def default_config() -> ml_collections.ConfigDict:
+    return config_lib.tokenizer_config("pretrain")
 
 
 def teacher_of(params):
@@ -64,7 +53,7 @@ def teacher_of(params):
 def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes: int = 1) -> list[str]:
     d, o, m = config.data, config.objectives, config.model
     errs = []
-    on = active(config)
+    on = config_lib.active(config)
     if not any(on.values()):
         errs.append("all objective weights (objectives.l_rec / l_ssl / l_clip) are 0: nothing to train")
     for name in ("batch_clip", "batch_ssl", "batch_rec"):
@@ -81,12 +70,8 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
     if on["clip"] and not m.text.depth:
         errs.append("objectives.l_clip > 0 needs a text tower (model.text.depth > 0)")
     if on["clip"]:
-        from vtp_jax.data import tokenizer
-
         try:
-            path = tokenizer.find_vocab_file()
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"VTP_BPE_VOCAB={path} does not exist. " + tokenizer.HOW_TO_GET_VOCAB)
+            tokenizer.find_vocab_file()
         except FileNotFoundError as e:
             errs.append(f"objectives.l_clip > 0 needs the CLIP BPE vocabulary: {e}")
     if on["clip"] and d.context_length != m.text.context_length:
@@ -116,19 +101,18 @@ def load_lpips(config, mesh):
     o = config.objectives
     if not (o.l_rec > 0 and o.lpips_weight):
         return None
-    return jax.device_put(objectives.load_lpips_params(o.lpips_params),
-                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return jax.device_put(objectives.load_lpips_params(o.lpips_params), sharding.replicated(mesh))
 
 
 def init_state(config, model: VTP, tx: optax.GradientTransformation, rng) -> TrainState:
-    """Boxed (logically annotated) state; unbox with nn.meta.unbox."""
+    """Boxed (logically annotated) state; unbox with nn.meta.unbox. The boxes go through `tx.init`,
+    so AdamW's moments carry their parameter's axis names (and its sharding) as the teacher does."""
     init_rng, rng = jax.random.split(rng)
     size = config.data.image_size
-    variables = model.init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32))
-    params = nn.meta.unbox(variables["params"])
+    params = model.init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
     k = max(config.model.head.prototypes, 1)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                      teacher_params=teacher_of(variables["params"]), opt_state=tx.init(params),
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      teacher_params=teacher_of(params), opt_state=tx.init(params),
                       dino_center=jnp.zeros((1, k)), ibot_center=jnp.zeros((1, k)), rng=rng)
 
 
@@ -137,7 +121,7 @@ def batch_spec(config, n: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
     with n = process count). Everything is batch-major, multi-crop arrays (B, crops, ...), so that
     merging images and crops into one batch axis is a free reshape of the batch-sharded array."""
     d, p = config.data, config.model.patch_size
-    on = active(config)
+    on = config_lib.active(config)
     f32, spec = jnp.float32, {}
     if on["clip"]:
         spec["clip_images"] = jax.ShapeDtypeStruct((d.batch_clip // n, d.image_size, d.image_size, 3), f32)
@@ -180,11 +164,6 @@ def max_masked_patches(config, n_images: int) -> int:
     return max(1, min(n_images * n_patches, masked_images * int(np.ceil(n_patches * d.mask_ratio_min_max[1]))))
 
 
-def to_pixels(x):
-    """ImageNet-normalized -> [-1, 1], the LPIPS convention."""
-    return (x * jnp.array(IMAGENET_STD) + jnp.array(IMAGENET_MEAN)) * 2.0 - 1.0
-
-
 def _entropy(p):
     return -jnp.sum(p * jnp.log(jnp.clip(p, 1e-12)), axis=-1)
 
@@ -225,7 +204,7 @@ def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
     """step(state, batch, lpips_params) -> (state, metrics); pure, jit it with shardings at the
     call site."""
     o = config.objectives
-    on = active(config)
+    on = config_lib.active(config)
     steps = config.train.steps
     momentum = optim.cosine_ramp(o.teacher_momentum, o.teacher_momentum_end, steps)
     teacher_temp = optim.teacher_temp_schedule(o)
@@ -300,7 +279,7 @@ def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
         latents = apply({"params": params}, x, method=VTP.encode)
         recon = apply({"params": params}, latents, o.drop_path_rec, method=VTP.decode, rngs={"drop_path": rng})
         # L1 and LPIPS both on [-1, 1] pixels (the taming / LDM convention l_rec's weights assume).
-        recon_px, x_px = to_pixels(recon), to_pixels(x)
+        recon_px, x_px = images.to_lpips_range(recon), images.to_lpips_range(x)
         l1 = objectives.l1_loss(recon_px, x_px).mean()
         parts = {"l_l1": l1, "latent_std": latents.std()}
         loss = o.l1_weight * l1
@@ -344,17 +323,16 @@ def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
         if "text" in new_params:  # OpenCLIP clamps the learned scale after each step
             text = {**new_params["text"], "logit_scale": jnp.clip(new_params["text"]["logit_scale"], 0.0, o.logit_scale_max)}
             new_params = {**new_params, "text": text}
-        ok = jnp.isfinite(total) & opt_state.last_finite  # apply_if_finite skipped the update otherwise
+        ok = optim.finite(total, opt_state)
         m = momentum(state.step)
         teacher = optax.incremental_update(teacher_of(new_params), state.teacher_params, 1.0 - m)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        keep = lambda new, old: optim.keep_if(ok, new, old)  # noqa: E731
         new_state = state.replace(
             step=state.step + 1, params=keep(new_params, params), opt_state=opt_state,
             teacher_params=keep(teacher, state.teacher_params),
             dino_center=keep(dino_center, state.dino_center), ibot_center=keep(ibot_center, state.ibot_center))
         metrics.update(loss=total, grad_norm=optax.tree.norm(grads), lr=optim.current_lr(opt_state),
-                       teacher_momentum=m, nonfinite_in_a_row=opt_state.notfinite_count,
-                       nonfinite_total=opt_state.total_notfinite)
+                       teacher_momentum=m, **optim.nonfinite_metrics(opt_state))
         return new_state, metrics
 
     return step
@@ -363,30 +341,28 @@ def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
 # ------------------------------------------------------------------------------------------------
 # The job: state, step, data, hooks.
 # ------------------------------------------------------------------------------------------------
-def make_job(config: ml_collections.ConfigDict, mesh) -> runner.Job:
-    model_cfg = model_config_for(config)
+def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None) -> runner.Job:
+    model_cfg = config_lib.model_config_for(config)
     model = VTP(model_cfg)
     size = config.data.image_size
     abstract_params = nn.meta.unbox(jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]))
     tx = optim.make_optimizer(config.optim, abstract_params, config.train.steps, model_cfg.depth,
-                              config.objectives.freeze_last_layer_steps if active(config)["ssl"] else 0)
+                              config.objectives.freeze_last_layer_steps if config_lib.active(config)["ssl"] else 0)
 
     def data():
-        from vtp_jax.data import pipeline
-
-        views = [k for k, on in active(config).items() if on]  # only what the step consumes
+        views = [k for k, on in config_lib.active(config).items() if on]  # only what the step consumes
         return pipeline.make_train_iterator(config.data, seed=config.seed, process_index=jax.process_index(),
                                             process_count=jax.process_count(), views=views)
 
     hooks = []
-    if active(config)["rec"]:
+    if config_lib.active(config)["rec"]:
         reconstruct = jax.jit(lambda p, x: model.apply({"params": p}, model.apply({"params": p}, x, method=VTP.encode),
                                                        method=VTP.decode))  # compiled once, used every images_every
 
         def write_reconstructions(step, state, batch, writer, workdir):
             x = batch["rec_images"]
-            write_image_rows(writer, workdir, step, "reconstructions", x, reconstruct(state.params, x))
+            runner.write_image_rows(writer, workdir, step, "reconstructions", x, reconstruct(state.params, x))
 
         hooks.append(runner.Hook(config.train.images_every, write_reconstructions))
 
@@ -394,27 +370,11 @@ def make_job(config: ml_collections.ConfigDict, mesh) -> runner.Job:
         return init_from_release(state, config.train.init_from, model_cfg) if config.train.init_from else state
 
     def export(state, folder):
-        export_params(model_cfg, state.params, folder, config.data.image_size)
+        tokenizers.export_tokenizer(model_cfg, state.params, folder, config.data.image_size)
 
     return runner.Job(config=config, init=lambda rng: init_state(config, model, tx, rng),
                       step=make_train_step(config, model, tx), data=data, consts=load_lpips(config, mesh),
                       start=start, hooks=hooks, eval_target=model, export=export, model=model)
-
-
-def export_params(model_cfg, params, folder, image_size):
-    """The tokenizer in the release format: `vtp_jax.load_pretrained(folder)` (and the official
-    PyTorch code) open it. Parts the release has no place for (the DINO head) are left out."""
-    from jax.experimental import multihost_utils
-
-    from vtp_jax.checkpoints import released
-
-    params = multihost_utils.process_allgather(params, tiled=True)
-    if jax.process_index() == 0:
-        try:
-            released.export_release(model_cfg, params, folder, image_size)
-            logging.info("exported the model to %s (vtp_jax.load_pretrained opens it)", folder)
-        except released.CheckpointError as e:
-            logging.warning("no release-format export: %s", e)
 
 
 def init_from_release(state, folder, model_cfg):
@@ -422,8 +382,6 @@ def init_from_release(state, folder, model_cfg):
     describe the same architecture as the config for every part the config trains (one error
     names every differing field); parts the release has no place for (the DINO head) keep their
     fresh init, parts the config does not train (e.g. the text tower of an AE) are not read."""
-    from vtp_jax.checkpoints import released
-
     rel_cfg, rel = released.load_release(folder, scan_layers=model_cfg.scan_layers)
     diffs = released.architecture_differences(rel_cfg, model_cfg)
     if diffs:
@@ -439,20 +397,3 @@ def init_from_release(state, folder, model_cfg):
     logging.info("initialised from released checkpoint %s", folder)
     # The teacher is a copy: the step donates both pytrees, so they must not share buffers.
     return state.replace(params=params, teacher_params=jax.tree.map(jnp.copy, teacher_of(params)))
-
-
-def write_image_rows(writer, workdir, step, name, *columns, n=8):
-    """Rows of side-by-side images (input | reconstruction | ...), each column an ImageNet-
-    normalized, globally sharded batch, to TensorBoard and workdir/name/<step>.png. Gathered from
-    every host, written by process 0."""
-    from jax.experimental import multihost_utils
-    from PIL import Image
-
-    from vtp_jax.reconstruct import denormalize
-
-    columns = multihost_utils.process_allgather(columns, tiled=True)
-    rows = np.stack([np.concatenate([denormalize(c[i]) for c in columns], 1) for i in range(min(n, len(columns[0])))])
-    writer.write_images(step, {name: rows})
-    if jax.process_index() == 0:
-        os.makedirs(os.path.join(workdir, name), exist_ok=True)
-        Image.fromarray(np.concatenate(list(rows), 0)).save(os.path.join(workdir, name, f"{step:07d}.png"))

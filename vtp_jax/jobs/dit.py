@@ -24,10 +24,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
-from vtp_jax import objectives, sampling
+from vtp_jax import config as config_lib
+from vtp_jax import images, objectives, sampling, sharding
+from vtp_jax.checkpoints import tokenizers
+from vtp_jax.data import latents as latents_lib
+from vtp_jax.jobs import extract_latents
 from vtp_jax.models import dit as dit_lib
+from vtp_jax.models.vtp import VTP
 from vtp_jax.train import optim, runner
 
 
@@ -38,6 +42,39 @@ class DiTState:
     ema_params: Any  # EMA of params, its own pytree: what is sampled and evaluated
     opt_state: Any
     rng: jax.Array
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Model, flow recipe, latents (read, or extracted first) and sampling: VTP's XL/1 settings."""
+    c = config_lib.base_config("dit")
+    c.latents = config_lib.latents_config()  # what to extract when dit.latents is empty
+    c.optim = config_lib.optim_config()
+    c.dit = ml_collections.ConfigDict()
+    c.dit.size = "XL"  # vtp_jax.models.dit.DIT_SIZES: tiny, B, L, XL (depth, width, heads)
+    c.dit.patch_size = 1
+    c.dit.mlp_ratio = 4.0
+    c.dit.class_dropout_prob = 0.1  # CFG label dropout
+    c.dit.qk_norm = False
+    c.dit.use_rope = True
+    c.dit.dtype = "float32"  # compute; 'bfloat16' as LightningDiT's autocast
+    c.dit.remat = "none"
+    c.dit.scan_layers = False  # the blocks as one nn.scan (LightningDiT.scan_layers): params stacked as blocks/...
+    c.dit.batch_size = 1024  # global (LightningDiT: 1024)
+    c.dit.ema_decay = 0.9999  # the EMA pytree, updated every step; sampled and evaluated
+    c.dit.t_mu, c.dit.t_sigma = -0.75, 1.0  # logit-normal t (VTP-L; S / B: -0.5, 1.25)
+    c.dit.latents = ""  # folder of extract_latents (shards, stats.npz, meta.json); '' = extract `latents` first
+    c.dit.latent_multiplier = 1.0  # (z - mean) / std * multiplier
+    c.dit.tokenizer = ""  # decodes samples; '' = the tokenizer the latents were extracted with
+    c.dit.sample = ml_collections.ConfigDict()
+    c.dit.sample.num_steps = 250  # grid points (LightningDiT: 250 = 249 Euler steps)
+    c.dit.sample.shift = 0.075  # VTP's time shift (LightningDiT's own: 0.3; <= 0: none)
+    c.dit.sample.method = "euler"  # 'euler' | 'heun' | 'dopri5'
+    c.dit.sample.cfg_scale = 1.0  # VTP's headline numbers use no guidance
+    c.dit.sample.cfg_interval_start = 0.0
+    c.dit.sample.every = 5_000  # steps between sample grids (W/samples/<step>.png and TensorBoard)
+    c.dit.sample.classes = 8  # grid rows: this many classes ...
+    c.dit.sample.per_class = 8  # ... times this many samples
+    return c
 
 
 def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes: int = 1) -> list[str]:
@@ -51,9 +88,12 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
     if c.batch_size % n_batch_shards or c.batch_size % n_processes:
         errs.append(f"dit.batch_size={c.batch_size} is not divisible by the {n_batch_shards} batch shards of the "
                     f"mesh and the {n_processes} processes")
-    if not c.latents and not config.latents.tokenizer:
-        errs.append("dit.latents is empty and so is latents.tokenizer: give extracted latents or a tokenizer to "
-                    "extract them with")
+    if not c.latents:
+        if not config.latents.tokenizer:
+            errs.append("dit.latents is empty and so is latents.tokenizer: give extracted latents "
+                        "(--config.dit.latents=DIR) or a tokenizer to extract them with (--config.latents.tokenizer=DIR)")
+        else:
+            errs += extract_latents.validate(config, n_batch_shards, n_processes)
     if c.latents and not os.path.isfile(os.path.join(c.latents, "meta.json")):
         errs.append(f"dit.latents={c.latents}: no meta.json there (not a finished latent extraction)")
     return errs
@@ -78,24 +118,22 @@ class Generator:
 
     def __init__(self, model: dit_lib.LightningDiT, sample: ml_collections.ConfigDict, mean, std, multiplier: float,
                  tokenizer_model, tokenizer_params):
-        from vtp_jax.models.vtp import IMAGENET_MEAN, IMAGENET_STD, VTP
-
         self.model, self.num_classes = model, model.num_classes
         self.latent_shape = (model.input_size, model.input_size, model.in_channels)
         self.mean, self.std, self.multiplier = mean, std, multiplier  # the latent normalization
         self.tokenizer_params = tokenizer_params
         channels = model.in_channels
 
-        def images(dit_params, tok_params, noise, labels):
+        def generate(dit_params, tok_params, noise, labels):
             v = lambda x, t, y: model.apply({"params": dit_params}, x, t, y)[..., :channels]  # noqa: E731
             field = lambda x, t: sampling.guided_velocity(  # noqa: E731
                 v, x, t, labels, model.num_classes, sample.cfg_scale, sample.cfg_interval_start)
             z = sampling.ode_sample(field, noise, sample.num_steps, sample.method, sample.shift)
             z = z / multiplier * std + mean
             pixels = tokenizer_model.apply({"params": tok_params}, z, method=VTP.decode)
-            return jnp.clip(pixels * jnp.array(IMAGENET_STD) + jnp.array(IMAGENET_MEAN), 0.0, 1.0)
+            return jnp.clip(images.denormalize(pixels), 0.0, 1.0)
 
-        self._images = jax.jit(images)
+        self._images = jax.jit(generate)
 
     def images(self, dit_params, noise, labels):
         return self._images(dit_params, self.tokenizer_params, noise, labels)
@@ -103,16 +141,11 @@ class Generator:
 
 def load_generator_parts(config, meta, mesh):
     """(latent mean, std, tokenizer module, replicated tokenizer params) for decoding samples."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from vtp_jax.data import latents as latents_lib
-    from vtp_jax.models.vtp import VTP
-    from vtp_jax.train import evaluate
-
     folder = config.dit.latents
     mean, std = latents_lib.load_stats(folder)
-    tok_cfg, tok_params = evaluate.load_tokenizer(config.dit.tokenizer or meta["tokenizer"])
-    replicated = NamedSharding(mesh, P())
+    field = "dit.tokenizer" if config.dit.tokenizer else f"the tokenizer of {folder}/meta.json (or dit.tokenizer)"
+    tok_cfg, tok_params = tokenizers.load_tokenizer(config.dit.tokenizer or meta["tokenizer"], field=field)
+    replicated = sharding.replicated(mesh)
     decoder = {"pixel_decoder": tok_params["pixel_decoder"]}  # all that decoding reads
     return (jax.device_put(jnp.asarray(mean), replicated), jax.device_put(jnp.asarray(std), replicated), VTP(tok_cfg),
             jax.device_put(decoder, replicated))
@@ -141,33 +174,24 @@ def make_train_step(config, model: dit_lib.LightningDiT, tx):
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ok = jnp.isfinite(loss) & opt_state.last_finite
-        keep = lambda new, old: jax.tree.map(lambda a, o: jnp.where(ok, a, o), new, old)  # noqa: E731
-        params = keep(params, state.params)
-        ema = keep(optax.incremental_update(params, state.ema_params, 1.0 - c.ema_decay), state.ema_params)
+        ok = optim.finite(loss, opt_state)
+        params = optim.keep_if(ok, params, state.params)
+        ema = optim.keep_if(ok, optax.incremental_update(params, state.ema_params, 1.0 - c.ema_decay), state.ema_params)
         metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), lr=optim.current_lr(opt_state),
-                       nonfinite_in_a_row=opt_state.notfinite_count, nonfinite_total=opt_state.total_notfinite)
+                       **optim.nonfinite_metrics(opt_state))
         return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
 
     return step
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """Before the runner builds the job: with dit.latents empty, extracts config.latents into
-    workdir/latents (resumable; skipped when complete) and points dit.latents at it."""
-    if config.dit.latents:
-        return config
-    from vtp_jax.data import latents as latents_lib
-
-    folder = latents_lib.extract(config, os.path.join(workdir, "latents"))
-    config = config.copy_and_resolve_references()
-    config.dit.latents = folder
-    return config
-
-
-def make_job(config: ml_collections.ConfigDict, mesh) -> runner.Job:
-    from vtp_jax.data import latents as latents_lib
-
+def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None) -> runner.Job:
+    if not config.dit.latents:  # extract `latents` into W/latents first (resumable; skipped when complete)
+        if workdir is None:
+            raise runner.ConfigError("dit.latents is empty: give extracted latents (or run the job with a workdir "
+                                     "to extract them there)")
+        folder = extract_latents.extract(config, os.path.join(workdir, "latents"), mesh)
+        config = config.copy_and_resolve_references()
+        config.dit.latents = folder
     meta = latents_lib.read_meta(config.dit.latents)
     if not meta["num_classes"]:
         raise runner.ConfigError(f"{config.dit.latents}/meta.json does not say how many classes the labels have")
@@ -189,16 +213,9 @@ def make_job(config: ml_collections.ConfigDict, mesh) -> runner.Job:
         labels = np.repeat(np.arange(s.classes) * max(model.num_classes // s.classes, 1) % model.num_classes,
                            s.per_class).astype(np.int32)
         noise = jax.random.normal(jax.random.key(config.seed), (len(labels), *generator.latent_shape))
-        images = np.asarray(jax.device_get(generator.images(state.ema_params, noise, jnp.asarray(labels))))
-        grid = (images.reshape(s.classes, s.per_class, *images.shape[1:]).transpose(0, 2, 1, 3, 4)
-                .reshape(s.classes * images.shape[1], s.per_class * images.shape[2], 3))
-        grid = (grid * 255).astype(np.uint8)
-        writer.write_images(step, {"samples": grid[None]})
-        if jax.process_index() == 0:
-            from PIL import Image
-
-            os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-            Image.fromarray(grid).save(os.path.join(workdir, "samples", f"{step:07d}.png"))
+        samples = np.asarray(jax.device_get(generator.images(state.ema_params, noise, jnp.asarray(labels))))
+        picture = (images.grid(samples, s.classes) * 255).astype(np.uint8)
+        runner.write_images(writer, workdir, step, "samples", picture[None])
 
     return runner.Job(config=config, init=lambda rng: init_state(model, tx, rng), step=make_train_step(config, model, tx),
                       data=data,
@@ -207,11 +224,12 @@ def make_job(config: ml_collections.ConfigDict, mesh) -> runner.Job:
 
 
 def init_state(model: dit_lib.LightningDiT, tx, rng) -> DiTState:
-    """Boxed (logically annotated) state; the EMA starts as the params."""
+    """Boxed (logically annotated) state; the EMA starts as the params. The boxes go through
+    `tx.init`, so AdamW's moments carry the axis names (and the shardings) of their parameter."""
     init_rng, rng = jax.random.split(rng)
     params = _init_boxed(model, init_rng)
-    return DiTState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=tx.init(nn.meta.unbox(params)), rng=rng)
+    return DiTState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params),
+                    rng=rng)
 
 
 def _init_boxed(model: dit_lib.LightningDiT, rng):

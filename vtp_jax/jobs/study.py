@@ -32,6 +32,15 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from flax import serialization
+
+from vtp_jax import config as config_lib
+from vtp_jax import images
+from vtp_jax.data import procedural
+from vtp_jax.jobs import dit, evaluate, extract_latents, pretrain
+from vtp_jax.models.classifier import DomainClassifier
+from vtp_jax.pretrained import load_pretrained
+from vtp_jax.train import runner
 
 VARIANTS = {  # objective weights (l_clip, l_ssl); l_rec from the template
     "ae": (0.0, 0.0),
@@ -44,7 +53,31 @@ COLUMNS = ("psnr", "ssim", "lpips", "linear_probe_top1", "knn_top1", "zero_shot_
 CHANCE = 1 / 64  # the domain classifier's 64 (colour, shape) classes
 
 
-def validate(config: ml_collections.ConfigDict) -> list[str]:
+def default_config() -> ml_collections.ConfigDict:
+    """Which tokenizers, the job templates every run derives from (a pretrain and a dit config),
+    the evaluators, the domain classifier."""
+    c = config_lib.base_config("study")
+    c.study = default_study()
+    return c
+
+
+def default_study() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.variants = ("ae", "clip_ae", "ssl_ae", "vtp")
+    c.seeds = (0, 1)
+    c.tokenizer = pretrain.default_config()  # each variant sets objectives.l_clip / l_ssl and the seed
+    c.dit = dit.default_config()  # latents.tokenizer and the seed are set per run
+    c.evals = ml_collections.ConfigDict()  # run on every tokenizer (job 'eval')
+    c.classifier = ml_collections.ConfigDict()
+    c.classifier.seed = 100  # procedural streams 100 (train) and 101 (validation): unseen elsewhere
+    c.classifier.num_train, c.classifier.num_val = 8192, 2048
+    c.classifier.image_size = 64  # rendered at the tokenizers' size (the network's stem strides to 32)
+    c.classifier.width = 16
+    c.classifier.steps, c.classifier.batch_size, c.classifier.lr = 600, 64, 3e-3  # ~98% top-1, ~2.5 CPU-min
+    return c
+
+
+def validate(config: ml_collections.ConfigDict, n_batch_shards: int = 1, n_processes: int = 1) -> list[str]:
     s, errs = config.study, []
     bad = [v for v in s.variants if v not in VARIANTS]
     if bad:
@@ -58,8 +91,6 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
 # The domain classifier.
 # ------------------------------------------------------------------------------------------------
 def _render(seed: int, n: int, size: int):
-    from vtp_jax.data import procedural
-
     examples = [procedural.render_example(seed, i, size, max_objects=1) for i in range(n)]
     return (np.stack([e["image"] for e in examples]).astype(np.float32) / 255,
             np.array([e["label"] for e in examples], np.int32))
@@ -68,10 +99,6 @@ def _render(seed: int, n: int, size: int):
 def train_classifier(c: ml_collections.ConfigDict, folder: str) -> tuple[str, float]:
     """Trains (or reloads) the domain classifier; returns (params file, accuracy on held-out real
     images). Adam on rendered single-object images; colour / shape are all it needs to see."""
-    from flax import serialization
-
-    from vtp_jax.models.classifier import DomainClassifier
-
     path, info = os.path.join(folder, "classifier.msgpack"), os.path.join(folder, "classifier.json")
     if os.path.isfile(path) and os.path.isfile(info):
         return path, json.load(open(info))["accuracy"]
@@ -114,20 +141,13 @@ def reconstruction_accuracy(export: str, classifier: str, seed: int, n: int, siz
     """The domain classifier's top-1 on a tokenizer's reconstructions of n real images: the
     ceiling of gen_accuracy (a DiT that matched the latent distribution exactly would decode to
     images like these), so the generation scores mean something only where it is well above chance."""
-    from flax import serialization
-
-    import vtp_jax
-    from vtp_jax.models.classifier import DomainClassifier
-    from vtp_jax.models.vtp import IMAGENET_MEAN, IMAGENET_STD
-
     params = serialization.msgpack_restore(open(classifier, "rb").read())
     net = DomainClassifier(64, params["conv0_0"]["kernel"].shape[-1])
-    tokenizer = vtp_jax.load_pretrained(export)
-    mean, std = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
+    tokenizer = load_pretrained(export)
     x, y = _render(seed, n, size)
     hits = 0
     for i in range(0, n, 64):
-        rec = tokenizer.decode(tokenizer.encode((x[i:i + 64] - mean) / std)) * std + mean
+        rec = images.denormalize(tokenizer.decode(tokenizer.encode(images.normalize(255 * x[i:i + 64]))))
         logits, _ = net.apply({"params": params}, jnp.floor(255 * jnp.clip(rec, 0, 1)) / 255)
         hits += int(np.sum(np.argmax(np.asarray(logits), -1) == y[i:i + 64]))
     return hits / n
@@ -144,9 +164,7 @@ def tokenizer_config(s, variant: str, seed: int):
 
 
 def eval_config(s, checkpoint: str):
-    from vtp_jax import config as config_lib
-
-    c = config_lib.default_config("eval")
+    c = evaluate.default_config()
     c.train.mesh = s.tokenizer.train.mesh
     c.eval.checkpoint = checkpoint
     c.evals = s.evals.copy_and_resolve_references()
@@ -162,31 +180,36 @@ def dit_config(s, tokenizer: str, seed: int, classifier: str, val_latents: str):
     return c
 
 
+def extract_config(dit_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `extract_latents` job for the latents a dit config would extract."""
+    c = extract_latents.default_config()
+    c.seed, c.train.mesh = dit_config.seed, dit_config.train.mesh
+    c.latents = dit_config.latents
+    return c
+
+
 def _done(workdir: str) -> bool:
     return os.path.isfile(os.path.join(workdir, "metrics.json"))
 
 
 def run_one(s, variant: str, seed: int, classifier: str, root: str) -> dict:
     """One tokenizer through pre-training, evaluation, latents and its DiT; returns its row."""
-    from vtp_jax.data import latents as latents_lib
-    from vtp_jax.train import runner
-
     d = os.path.join(root, "runs", f"{variant}_s{seed}")
     t0 = time.time()
     tok_dir, eval_dir, dit_dir = (os.path.join(d, n) for n in ("tokenizer", "eval", "dit"))
     if not os.path.isdir(os.path.join(tok_dir, "export")):
-        runner.run(tokenizer_config(s, variant, seed), tok_dir)
+        runner.run(pretrain, tokenizer_config(s, variant, seed), tok_dir)
     export = os.path.join(tok_dir, "export")
     if not _done(eval_dir):
-        runner.run(eval_config(s, export), eval_dir)
+        runner.run(evaluate, eval_config(s, export), eval_dir)
     val_latents = os.path.join(d, "val_latents")
     lat = s.dit.copy_and_resolve_references()
     lat.latents.tokenizer = export
     lat.latents.data.procedural_seed += 1  # the validation stream: seed + 1, unseen in training
     lat.latents.data.num_train_images //= 4
-    latents_lib.extract(lat, val_latents)
+    runner.run(extract_latents, extract_config(lat), val_latents)
     if not _done(dit_dir):
-        runner.run(dit_config(s, export, seed, classifier, val_latents), dit_dir)
+        runner.run(dit, dit_config(s, export, seed, classifier, val_latents), dit_dir)
     ceiling = os.path.join(eval_dir, "recon_accuracy.json")
     if not os.path.isfile(ceiling):
         held_out = s.classifier.seed + 1  # the classifier's validation stream, unseen by it and the tokenizers
@@ -203,17 +226,11 @@ def run_one(s, variant: str, seed: int, classifier: str, root: str) -> dict:
             "dit_val_loss": gen["val_loss/loss"], "minutes": (time.time() - t0) / 60}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-    from vtp_jax import config as config_lib
-    from vtp_jax.train import runner
+def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None) -> runner.Job:
+    return runner.Job(config=config, init=None, run=lambda: run(config, workdir))
 
-    try:
-        config_lib.check_fields(config, config_lib.default_config("study"))
-    except ValueError as e:
-        raise runner.ConfigError(str(e)) from None
-    errs = validate(config)
-    if errs:
-        raise runner.ConfigError("invalid config:\n  " + "\n  ".join(errs))
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     s = config.study
     os.makedirs(workdir, exist_ok=True)
     if not jax.config.jax_compilation_cache_dir:  # the runs compile many identical programs: once is enough

@@ -4,18 +4,24 @@ Parameters carry logical names (embed / mlp / heads / kv / vocab; layers: the de
 scanned block stacks); `LOGICAL_RULES` maps them to the mesh axes (data, fsdp, tensor). The batch
 is split over (data, fsdp); parameters and optimizer state over fsdp (ZeRO-3 style) and tensor. A
 dimension that a mesh axis does not divide stays replicated on that axis rather than failing.
+
+It sits below models/ and objectives/: the functions that look the batch axes up inside jit find
+the mesh set by `jax.set_mesh` (the runner's), so losses and layers pick it up without threading it.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from vtp_jax.axes import BATCH_AXES, MESH_AXES
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
 LOGICAL_RULES = (
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -78,6 +84,11 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules=LOGICAL_RULES):
     return jax.tree.map(one, specs, shapes, is_leaf=lambda s: isinstance(s, P))
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (frozen weights, statistics, the step's constants)."""
+    return NamedSharding(mesh, P())
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading (batch) axis over (data, fsdp); every batch array is batch-major."""
     return NamedSharding(mesh, P(BATCH_AXES, *(None,) * (ndim - 1)))
@@ -86,3 +97,39 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 def global_batch(local: dict, mesh: Mesh) -> dict:
     """Per-process NumPy batch -> global jax.Arrays sharded over (data, fsdp)."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in local.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Inside jit: the batch axes of the mesh set by `jax.set_mesh`.
+# ------------------------------------------------------------------------------------------------
+def batch_axes(mesh=None):
+    """(mesh, its batch axes among BATCH_AXES); () without a mesh or without such axes.
+
+    The mesh defaults to the one set by `jax.set_mesh`. Axes of size 1 count too: explicitly
+    sharded inputs carry them in their types, and the plain (B, B) product of two such inputs is
+    rejected."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh.empty:
+        return mesh, ()
+    return mesh, tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def n_batch_shards(mesh=None, axes=None) -> int:
+    """How many pieces the batch is split into (1 without a mesh)."""
+    if axes is None:
+        mesh, axes = batch_axes(mesh)
+    return math.prod(mesh.shape[a] for a in axes) if axes else 1
+
+
+def over_batch_shards(f, mesh, axes, in_specs, out_specs):
+    """`jax.shard_map(f)` over the batch axes. Auto-sharded inputs are resharded by shard_map itself;
+    explicitly sharded ones (the default of `jax.make_mesh`) must be resharded first."""
+    mapped = jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    kinds = dict(zip(mesh.axis_names, mesh.axis_types))
+    if all(kinds[a] != AxisType.Explicit for a in axes):
+        return mapped
+
+    def resharded(*args):
+        args = [jax.reshard(x, NamedSharding(mesh, s)) for x, s in zip(args, in_specs)]
+        return mapped(*args)
+    return resharded

@@ -24,14 +24,16 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 
-from vtp_jax import objectives
+from vtp_jax import config as config_lib
+from vtp_jax import images, objectives, sharding
+from vtp_jax.checkpoints import tokenizers
+from vtp_jax.data import pipeline
 from vtp_jax.models.discriminator import PatchDiscriminator
 from vtp_jax.models.vtp import VTP
-from vtp_jax.train import optim, pretrain, runner
+from vtp_jax.train import optim, runner
 
 LAST_LAYER = ("proj_out", "kernel")  # the pixel decoder's last layer: the adaptive weight's W
 
@@ -45,6 +47,34 @@ class Stage2State:
     disc_opt_state: Any
     lecam_ema: jax.Array  # (2,) EMA of the mean real / fake logits (LeCam's anchors)
     rng: jax.Array
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The data pipeline's reconstruction view, the decoder's optimizer and the GAN recipe (taming /
+    LDM; the paper gives no settings). The tokenizer comes from train.init_from."""
+    c = config_lib.base_config("stage2")
+    c.data = pipeline.data_config()
+    c.optim = config_lib.optim_config()
+    s = c.stage2 = ml_collections.ConfigDict()
+    # Generator: L1 + LPIPS (on [-1, 1] pixels) + adaptive weight x disc_weight x GAN term.
+    s.l1_weight = 1.0
+    s.lpips_weight = 1.0
+    s.lpips_params = ""  # `python -m vtp_jax.checkpoints.torch_convert lpips` output
+    s.gan_loss = "hinge"  # 'hinge' | 'non_saturating'
+    s.disc_weight = 0.5
+    s.disc_start = 0  # steps before the GAN term (and the discriminator's updates) start
+    s.max_adaptive_weight = 1e4  # cap of ||grad_last(nll)|| / ||grad_last(g)||
+    # Discriminator: PatchGAN (ndf 64, 3 layers; GroupNorm instead of taming's BatchNorm).
+    s.disc_ndf = 64
+    s.disc_layers = 3
+    s.disc_norm = "group"
+    s.disc_lr = 1e-4
+    s.disc_b1, s.disc_b2 = 0.5, 0.9  # taming
+    s.regularizer = "none"  # 'none' | 'lecam' (Tseng et al. 2021) | 'r1' (Mescheder et al. 2018)
+    s.lecam_weight = 0.001
+    s.lecam_ema = 0.99
+    s.r1_gamma = 1.0
+    return c
 
 
 def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes: int = 1) -> list[str]:
@@ -86,11 +116,11 @@ def make_train_step(config, model: VTP, disc: PatchDiscriminator, tx, disc_tx):
         x = batch["rec_images"]
         latents = jax.lax.stop_gradient(model.apply({"params": frozen}, x, method=VTP.encode))
         gan_on = (state.step >= s.disc_start).astype(jnp.float32)
-        x_px = pretrain.to_pixels(x)
+        x_px = images.to_lpips_range(x)
 
         def generator_terms(decoder):
             recon = decode(decoder, latents)
-            r_px = pretrain.to_pixels(recon)
+            r_px = images.to_lpips_range(recon)
             l1 = objectives.l1_loss(r_px, x_px).mean()
             nll = s.l1_weight * l1
             lp = jnp.zeros(())
@@ -111,7 +141,7 @@ def make_train_step(config, model: VTP, disc: PatchDiscriminator, tx, disc_tx):
         updates, opt_state = tx.update(grads, state.opt_state, state.decoder)
         decoder = optax.apply_updates(state.decoder, updates)
 
-        fake_px = jax.lax.stop_gradient(pretrain.to_pixels(recon))
+        fake_px = jax.lax.stop_gradient(images.to_lpips_range(recon))
 
         def disc_terms(disc_params):
             real = disc.apply({"params": disc_params}, x_px)
@@ -133,34 +163,27 @@ def make_train_step(config, model: VTP, disc: PatchDiscriminator, tx, disc_tx):
         lecam_ema = s.lecam_ema * state.lecam_ema + (1 - s.lecam_ema) * jnp.stack([real_mean, fake_mean])
 
         total = nll + scale * gen
-        ok = jnp.isfinite(total) & jnp.isfinite(ld) & opt_state.last_finite & disc_opt_state.last_finite
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-        new_state = state.replace(step=state.step + 1, decoder=keep(decoder, state.decoder),
-                                  disc=keep(disc_params, state.disc), opt_state=opt_state,
-                                  disc_opt_state=disc_opt_state, lecam_ema=keep(lecam_ema, state.lecam_ema))
+        ok = optim.finite(total + ld, opt_state, disc_opt_state)
+        new_state = state.replace(step=state.step + 1, decoder=optim.keep_if(ok, decoder, state.decoder),
+                                  disc=optim.keep_if(ok, disc_params, state.disc), opt_state=opt_state,
+                                  disc_opt_state=disc_opt_state, lecam_ema=optim.keep_if(ok, lecam_ema, state.lecam_ema))
         metrics = dict(loss=total, l_rec=nll, l_l1=l1, l_lpips=lp, g_loss=gen, adaptive_weight=weight,
                        d_loss=ld, d_reg=reg, logits_real=real_mean, logits_fake=fake_mean, gan_on=gan_on,
                        grad_norm=optax.tree.norm(grads), d_grad_norm=optax.tree.norm(d_grads),
-                       lr=optim.current_lr(opt_state),
-                       nonfinite_in_a_row=jnp.maximum(opt_state.notfinite_count, disc_opt_state.notfinite_count),
-                       nonfinite_total=opt_state.total_notfinite + disc_opt_state.total_notfinite)
+                       lr=optim.current_lr(opt_state), **optim.nonfinite_metrics(opt_state, disc_opt_state))
         return new_state, metrics
 
     return step
 
 
-def make_job(config: ml_collections.ConfigDict, mesh) -> runner.Job:
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from vtp_jax.train import evaluate
-
+def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None) -> runner.Job:
     s = config.stage2
-    model_cfg, params = evaluate.load_tokenizer(config.train.init_from)
+    model_cfg, params = tokenizers.load_tokenizer(config.train.init_from, field="train.init_from")
     if not model_cfg.decoder.depth:
         raise runner.ConfigError(f"train.init_from={config.train.init_from}: the tokenizer has no pixel decoder")
     model = VTP(model_cfg)
     frozen, decoder0 = split_tokenizer(params)
-    replicated = NamedSharding(mesh, P())
+    replicated = sharding.replicated(mesh)
     frozen = jax.device_put(frozen, replicated)
     lpips_params = None
     if s.lpips_weight:
@@ -176,9 +199,8 @@ def make_job(config: ml_collections.ConfigDict, mesh) -> runner.Job:
         boxed = model.init(init_rng, jnp.zeros((1, size, size, 3)))["params"]
         decoder = boxed["pixel_decoder"]  # boxed: logical axes shard it; `start` loads the values
         disc_params = disc.init(init_rng, jnp.zeros((1, size, size, 3)))["params"]
-        unboxed = flax.linen.meta.unbox(decoder)
         return Stage2State(step=jnp.zeros((), jnp.int32), decoder=decoder, disc=disc_params,
-                           opt_state=tx.init(unboxed), disc_opt_state=disc_tx.init(disc_params),
+                           opt_state=tx.init(decoder), disc_opt_state=disc_tx.init(disc_params),
                            lecam_ema=jnp.zeros((2,)), rng=rng)
 
     def start(state):
@@ -188,8 +210,6 @@ def make_job(config: ml_collections.ConfigDict, mesh) -> runner.Job:
         return state.replace(decoder=placed)
 
     def data():
-        from vtp_jax.data import pipeline
-
         return pipeline.make_train_iterator(config.data, seed=config.seed, process_index=jax.process_index(),
                                             process_count=jax.process_count(), views=["rec"])
 
@@ -202,11 +222,11 @@ def make_job(config: ml_collections.ConfigDict, mesh) -> runner.Job:
         x = batch["rec_images"] if "x" not in before else before["x"]
         if "x" not in before:  # the first batch seen, reconstructed by the initial decoder
             before.update(x=x, recon=reconstruct(jax.device_put(decoder0, replicated), x))
-        pretrain.write_image_rows(writer, workdir, step, "reconstructions", x, before["recon"],
-                                  reconstruct(state.decoder, x))
+        runner.write_image_rows(writer, workdir, step, "reconstructions", x, before["recon"],
+                                reconstruct(state.decoder, x))
 
     def export(state, folder):
-        pretrain.export_params(model_cfg, {**jax.device_get(frozen), "pixel_decoder": state.decoder}, folder, size)
+        tokenizers.export_tokenizer(model_cfg, {**jax.device_get(frozen), "pixel_decoder": state.decoder}, folder, size)
 
     return runner.Job(config=config, init=init, step=make_train_step(config, model, disc, tx, disc_tx), data=data,
                       consts=(frozen, lpips_params), start=start,

@@ -1,0 +1,100 @@
+"""Every job's state is laid out from the logical axis names its parameters carry through
+`tx.init`: each optimizer moment, teacher or EMA copy of a parameter is sharded exactly as that
+parameter, counters and rngs are replicated, and FSDP really splits the big leaves (8 CPU devices).
+"""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import tiny
+from vtp_jax import jobs, sharding
+
+SIZE = 16
+MESH = (1, 8, 1)  # FSDP over 8 devices: parameters with an 'embed' axis of 32 are split
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return tiny.export_tokenizer(tmp_path_factory.mktemp("tokenizer"), SIZE, text=False)
+
+
+def _names(path):
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _check(shardings, params_field: str, followers: list[str]):
+    """Every leaf of the state's `followers` whose path ends with a parameter's path and has its
+    shape is sharded as that parameter; every other leaf is replicated."""
+    state_leaves = jax.tree_util.tree_flatten_with_path(shardings)[0]
+    params = {(_names(p)[1:]): s for p, s in state_leaves if _names(p)[0] == params_field}
+    assert any(s.spec != P() and "fsdp" in str(s.spec) for s in params.values()), "FSDP shards no parameter"
+    matched = 0
+    for path, s in state_leaves:
+        names = _names(path)
+        if names[0] not in followers:
+            continue
+        owner = next((names[i:] for i in range(len(names)) if names[i:] in params), None)
+        if owner is not None:
+            assert s == params[owner], f"{'/'.join(names)}: {s.spec}, its parameter has {params[owner].spec}"
+            matched += 1
+        else:
+            assert s.is_fully_replicated, f"{'/'.join(names)} is no parameter copy but is sharded {s.spec}"
+    assert not followers or matched >= len(params), f"only {matched} follower leaves for {len(params)} parameters"
+    return matched
+
+
+def _shapes_agree(trainer):
+    """The same leaves in the abstract state: a follower has its parameter's shape (so the layout
+    can be the parameter's), checked on the unboxed state the runner initialises."""
+    abstract = jax.eval_shape(trainer.init, jax.random.key(0))
+    for leaf, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(trainer.shardings)):
+        assert len(s.spec) <= leaf.ndim
+
+
+def test_pretrain_moments_and_teacher_follow_their_parameters():
+    c = tiny.get_config()
+    c.train.mesh = MESH
+    tr = jobs.build(c, sharding.make_mesh(MESH))
+    _shapes_agree(tr)
+    n = _check(tr.shardings, "params", ["opt_state", "teacher_params", "dino_center", "ibot_center", "step", "rng"])
+    assert n >= 2 * len(jax.tree.leaves(tr.shardings.params))  # mu and nu of every parameter
+
+
+def test_stage2_decoder_moments_follow_the_decoder(tokenizer):
+    c = tiny.load_config("demo_stage2")
+    c.train.init_from, c.train.mesh = tokenizer, MESH
+    c.data.update(image_size=SIZE, procedural_size=SIZE, batch_clip=8, batch_rec=8)
+    c.stage2.update(disc_ndf=32, disc_layers=1)
+    c.evals = {}
+    tr = jobs.build(c, sharding.make_mesh(MESH))
+    _shapes_agree(tr)
+    _check(tr.shardings, "decoder", ["opt_state"])
+
+
+def test_dit_moments_and_ema_follow_their_parameters(tokenizer, tmp_path):
+    latents = tmp_path / "latents"  # what the DiT job reads to build itself: meta and stats
+    latents.mkdir()
+    (latents / "meta.json").write_text(json.dumps(dict(shape=[2, 2, 8], dtype="float16", tokenizer=tokenizer,
+                                                       num_classes=4, image_size=SIZE, records=8)))
+    np.savez(latents / "stats.npz", mean=np.zeros(8, np.float32), std=np.ones(8, np.float32))
+    c = tiny.load_config("dit_demo")
+    c.dit.update(latents=str(latents), batch_size=8, size="tiny")
+    c.train.mesh = MESH
+    c.evals = {}
+    tr = jobs.build(c, sharding.make_mesh(MESH))
+    _shapes_agree(tr)
+    n = _check(tr.shardings, "params", ["opt_state", "ema_params", "step", "rng"])
+    assert n >= 3 * len(jax.tree.leaves(tr.shardings.params))  # EMA, mu and nu
+
+
+def test_eval_params_are_laid_out_by_name(tokenizer):
+    c = tiny.load_config("eval_demo")
+    c.eval.checkpoint, c.train.mesh = tokenizer, MESH
+    c.evals = {"reconstruction": c.evals.reconstruction}
+    tr = jobs.build(c, sharding.make_mesh(MESH))
+    _check(tr.shardings, "params", [])
+    assert os.path.isdir(tokenizer)

@@ -1,0 +1,73 @@
+"""A tokenizer from wherever a job is pointed at one, and back to the release format.
+
+Jobs that read a trained tokenizer (eval, stage 2, extract_latents, the DiT's decoder) take either
+a release-format folder (config.json + model.safetensors: a released VTP or a run's `export/`) or
+a training workdir (its config.json and latest orbax checkpoint); `load_tokenizer` opens both.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from vtp_jax import config as config_lib
+from vtp_jax.checkpoints import released
+
+
+def is_release_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "model.safetensors")) or not os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def load_tokenizer(path: str, field: str = "eval.checkpoint"):
+    """(model config, float32 params on host) of a release folder or a training workdir; `field`
+    is the config field that named `path`, for the error a user can act on."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{field}={path!r} is not a folder: give a release-format folder (a run's export/, "
+                                f"a released VTP) or a training workdir (--config.{field}=DIR)")
+    if is_release_folder(path):
+        return released.load_release(path)
+    return load_workdir(path)
+
+
+def load_workdir(workdir: str):
+    """The model config and student params of a training workdir's latest checkpoint."""
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: a training workdir holds config.json and checkpoints/")
+    with open(cfg_path) as f:
+        saved = ml_collections.ConfigDict(json.load(f))
+    model = config_lib.model_config()  # today's schema, the run's values
+    model.update(saved.model)
+    model_cfg = config_lib.model_config_for(ml_collections.ConfigDict(dict(model=model, objectives=saved.objectives)))
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    meta = ocp.StandardCheckpointer().metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    params = ocp.StandardCheckpointer().restore(path, target)["params"]
+    logging.info("loaded step %d of %s", step, workdir)
+    return model_cfg, jax.tree.map(np.asarray, params)
+
+
+def export_tokenizer(model_cfg, params, folder: str, image_size: int) -> None:
+    """The tokenizer in the release format: `vtp_jax.load_pretrained(folder)` (and the official
+    PyTorch code) open it. Parts the release has no place for (the DINO head) are left out.
+    Gathered from every host, written by process 0."""
+    params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() == 0:
+        try:
+            released.export_release(model_cfg, params, folder, image_size)
+            logging.info("exported the model to %s (vtp_jax.load_pretrained opens it)", folder)
+        except released.CheckpointError as e:
+            logging.warning("no release-format export: %s", e)

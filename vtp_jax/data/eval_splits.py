@@ -1,0 +1,84 @@
+"""The splits evaluators read and the DiT's latents are extracted from: procedural scenes,
+ArrayRecord shards or TFDS, as global batches sharded over the mesh's batch axes.
+
+Each process reads its 1/P through `pipeline.make_eval_iterator`; the last batch is padded
+(`valid`), and every process yields the same number of batches so the collectives line up.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+
+from vtp_jax import sharding
+from vtp_jax.data import pipeline, sources
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """The split(s) an evaluator reads."""
+    c = ml_collections.ConfigDict()
+    c.source = "procedural"  # 'procedural' | 'array_record' | 'tfds'
+    c.paths = ""  # array_record: the evaluation split's shards (glob, directory or list)
+    c.train_paths = ""  # array_record: the train split (probes)
+    c.tfds_name = "imagenet2012"
+    c.tfds_data_dir = ""
+    c.split = "validation"  # tfds split evaluated; procedural: seed procedural_seed + 1 (unseen in training)
+    c.train_split = "train"  # tfds split the probes fit on; procedural: seed procedural_seed
+    c.procedural_seed = 0  # the training stream's seed
+    c.procedural_size = 64
+    c.procedural_objects = 2  # objects per scene at most
+    c.num_images = 1000  # images of the evaluated split (0: all; procedural needs a number)
+    c.num_train_images = 2000  # probes: images of the train split
+    c.image_size = 256
+    c.crop = "center"  # 'center' (ADM, rFID / probes / DiT latents) or 'squash' (VTP's zero-shot)
+    c.batch_size = 64  # global; divisible by the mesh's batch shards and the process count
+    return c
+
+
+class _Head:
+    """The first n records of a random-access source."""
+
+    def __init__(self, source, n: int):
+        self.source, self.n = source, min(n, len(source)) if n else len(source)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.source[i]
+
+
+def make_source(d: ml_collections.ConfigDict, train: bool = False):
+    n = d.num_train_images if train else d.num_images
+    if d.source == "procedural":
+        return sources.ProceduralSource(d.procedural_seed + (0 if train else 1), d.procedural_size, n,
+                                        max_objects=d.procedural_objects)
+    if d.source == "array_record":
+        paths = d.train_paths if train else d.paths
+        if not paths:
+            raise ValueError(f"data.{'train_paths' if train else 'paths'} is empty: give the split's ArrayRecord shards")
+        return _Head(sources.array_record_source(paths), n)
+    return _Head(sources.TFDSSource(d.tfds_name, d.train_split if train else d.split, d.tfds_data_dir or None), n)
+
+
+def batches(d: ml_collections.ConfigDict, mesh, train: bool = False) -> Iterator[dict]:
+    """Global batches {images (ImageNet-normalized), labels, valid} of a split, sharded over the
+    mesh's batch axes; every process yields the same number of them."""
+    source = make_source(d, train)
+    n_proc, pid = jax.process_count(), jax.process_index()
+    local = d.batch_size // n_proc
+    n_batches = math.ceil(math.ceil(len(source) / n_proc) / local)
+    seen = 0
+    for b in pipeline.make_eval_iterator(source, image_size=d.image_size, batch_size=local, crop=d.crop,
+                                         process_index=pid, process_count=n_proc):
+        seen += 1
+        yield sharding.global_batch(b, mesh)
+    empty = {"images": np.zeros((local, d.image_size, d.image_size, 3), np.float32),
+             "labels": np.full((local,), -1, np.int32), "valid": np.zeros((local,), bool)}
+    for _ in range(n_batches - seen):  # shorter shares (or skipped records) pad with empty batches
+        yield sharding.global_batch(empty, mesh)

@@ -1,0 +1,126 @@
+"""Job `extract_latents`: a tokenizer's latents of a dataset, cached for the DiT.
+
+    python -m vtp_jax.main --config=configs/extract_latents.py --config.latents.tokenizer=DIR --workdir=W
+
+encodes the train split of a dataset (ImageNet via TFDS with ADM's centre crop at 256, ArrayRecord
+shards or the procedural set) with a tokenizer, each image unflipped and flipped (LightningDiT
+draws one of the two per sample), into W/part-<k>-of-<P>-<p>.array_record (the record format of
+`vtp_jax.data.latents`): part k covers global batches [k * part_batches, (k + 1) * part_batches),
+each process writes its own rows, so the batches are sharded over every device of every process.
+A part is written to a temporary name and renamed when whole, so a killed extraction resumes at
+the first part some process lacks. At the end W/stats.npz holds the per-channel mean and std of
+min(10k, N) random unflipped latents and W/meta.json the shapes, the class count and the tokenizer.
+The `dit` job runs it first when `dit.latents` is empty.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from array_record.python.array_record_module import ArrayRecordWriter
+from jax.experimental import multihost_utils
+
+from vtp_jax import config as config_lib
+from vtp_jax import sharding
+from vtp_jax.checkpoints import tokenizers
+from vtp_jax.data import eval_splits
+from vtp_jax.data import latents as latents_lib
+from vtp_jax.data import procedural
+from vtp_jax.models.vtp import VTP
+from vtp_jax.train import runner
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = config_lib.base_config("extract_latents")
+    c.latents = config_lib.latents_config()
+    return c
+
+
+def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes: int = 1) -> list[str]:
+    c, errs = config.latents, []
+    if not c.tokenizer:
+        errs.append("latents.tokenizer is empty: give a release-format folder (a run's export/, a released VTP) "
+                    "or a training workdir (--config.latents.tokenizer=DIR)")
+    d = c.data
+    if d.source == "procedural" and not d.num_train_images:
+        errs.append("latents.data.num_train_images=0: the procedural set is unbounded, give a number")
+    if d.batch_size % (n_batch_shards * n_processes):
+        errs.append(f"latents.data.batch_size={d.batch_size} is not divisible by the {n_batch_shards} batch shards "
+                    f"and {n_processes} processes")
+    return errs
+
+
+def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None) -> runner.Job:
+    return runner.Job(config=config, init=None, run=lambda: {"folder": extract(config, workdir, mesh)})
+
+
+def extract(config: ml_collections.ConfigDict, workdir: str, mesh) -> str:
+    """Encodes config.latents.data's train split into `workdir` (see the module docstring);
+    returns the folder. Every process runs it (collectives), each writing its own files."""
+    c = config.latents
+    d = c.data
+    n_proc, pid = jax.process_count(), jax.process_index()
+    os.makedirs(workdir, exist_ok=True)
+    if os.path.isfile(os.path.join(workdir, latents_lib.META)):
+        logging.info("latents in %s are complete", workdir)
+        return workdir
+    model_cfg, params = tokenizers.load_tokenizer(c.tokenizer, field="latents.tokenizer")
+    model = VTP(model_cfg)
+    dtype = np.dtype(c.dtype)
+
+    @jax.jit
+    def encode(params, images):
+        z = model.apply({"params": params}, images, method=VTP.encode)
+        z_flip = model.apply({"params": params}, images[:, :, ::-1], method=VTP.encode)
+        return z, z_flip
+
+    with jax.set_mesh(mesh):
+        params = jax.device_put(params, sharding.replicated(mesh))
+        source = eval_splits.make_source(d, train=True)
+        n_batches = math.ceil(math.ceil(len(source) / n_proc) / (d.batch_size // n_proc))
+        n_parts = math.ceil(n_batches / c.part_batches)
+        name = lambda k: os.path.join(workdir, f"part-{k:05d}-of-{n_proc:03d}-{pid:03d}.array_record")  # noqa: E731
+        done = [os.path.isfile(name(k)) for k in range(n_parts)]
+        done = multihost_utils.process_allgather(np.array(done)).reshape(-1, n_parts).all(axis=0) if n_proc > 1 \
+            else np.array(done)
+        batches = eval_splits.batches(d, mesh, train=True)
+        h = d.image_size // model_cfg.patch_size
+        shape = (h, h, model_cfg.latent_dim)
+        for k in range(n_parts):
+            part = [next(batches, None) for _ in range(min(c.part_batches, n_batches - k * c.part_batches))]
+            if done[k]:
+                continue  # the pipeline still reads its batches: the order of the rest is unchanged
+            tmp = name(k) + ".tmp"
+            writer = ArrayRecordWriter(tmp, "group_size:1")
+            for b in part:
+                z, z_flip = encode(params, b["images"])
+                rows = jax.sharding.PartitionSpec(sharding.BATCH_AXES)
+                z, z_flip, labels, valid = (np.asarray(a) for a in multihost_utils.global_array_to_host_local_array(
+                    (z, z_flip, b["labels"], b["valid"]), mesh, rows))  # this process's rows
+                for i in np.flatnonzero(valid):
+                    writer.write(latents_lib.encode_record(z[i].astype(dtype), z_flip[i].astype(dtype), labels[i]))
+            writer.close()
+            os.replace(tmp, name(k))
+            logging.info("latents: part %d of %d written", k + 1, n_parts)
+        multihost_utils.sync_global_devices("latents written")
+        if pid == 0:
+            latents_lib.write_stats(workdir, shape, dtype, c.stats_samples, seed=config.seed)
+            meta = dict(shape=list(shape), dtype=dtype.name, tokenizer=os.path.abspath(c.tokenizer),
+                        num_classes=_num_classes(d), image_size=d.image_size, records=latents_lib.count_records(workdir))
+            with open(os.path.join(workdir, latents_lib.META), "w") as f:
+                json.dump(meta, f, indent=1)
+        multihost_utils.sync_global_devices("latents stats written")
+    return workdir
+
+
+def _num_classes(d) -> int:
+    if d.source == "procedural":
+        return len(procedural.CLASS_NAMES)
+    if d.source == "tfds" and d.tfds_name.split(":")[0] == "imagenet2012":
+        return 1000
+    return 0  # unknown: the DiT job takes 1 + the largest label it finds
