@@ -199,6 +199,7 @@ def latents_config() -> ml_collections.ConfigDict:
     c.data.num_train_images = 0  # 0: all (the procedural set needs a number)
     c.part_batches = 50  # global batches per output file: the unit of resumption
     c.stats_samples = 10_000  # per-channel mean / std from this many random unflipped latents (LightningDiT)
+    c.stats = ""  # '' = computed as above; else a stats file / folder (the release's latents_stats.pt) to copy
     c.dtype = "float16"  # storage; latents of the released models have std 0.06-0.2, far from fp16's limits
     return c
 
@@ -218,7 +219,8 @@ def dit_config() -> ml_collections.ConfigDict:
     c.batch_size = 1024  # global (LightningDiT: 1024)
     c.ema_decay = 0.9999  # the EMA pytree, updated every step; sampled and evaluated
     c.t_mu, c.t_sigma = -0.75, 1.0  # logit-normal t (VTP-L; S / B: -0.5, 1.25)
-    c.latents = ""  # folder of extract_latents (shards, stats.npz, meta.json); '' = extract `latents` first
+    c.latents = ""  # extract_latents' folder, or official *.safetensors shards; '' = extract `latents` first
+    c.latent_stats = ""  # '' = those of dit.latents; else a file / folder (the release's latents_stats.pt)
     c.latent_multiplier = 1.0  # (z - mean) / std * multiplier
     c.tokenizer = ""  # decodes samples; '' = the tokenizer the latents were extracted with
     c.sample = ml_collections.ConfigDict()
@@ -227,6 +229,8 @@ def dit_config() -> ml_collections.ConfigDict:
     c.sample.method = "euler"  # 'euler' | 'heun' | 'dopri5'
     c.sample.cfg_scale = 1.0  # VTP's headline numbers use no guidance
     c.sample.cfg_interval_start = 0.0
+    # None = guide all channels; 3 = the official forward_with_cfg (first 3 channels, the rest conditional)
+    c.sample.cfg_channels = ml_collections.FieldReference(None, field_type=int)
     c.sample.every = 5_000  # steps between sample grids (W/samples/<step>.png and TensorBoard)
     c.sample.classes = 8  # grid rows: this many classes ...
     c.sample.per_class = 8  # ... times this many samples
