@@ -54,15 +54,26 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
     if not c.latents and not config.latents.tokenizer:
         errs.append("dit.latents is empty and so is latents.tokenizer: give extracted latents or a tokenizer to "
                     "extract them with")
-    if c.latents and not os.path.isfile(os.path.join(c.latents, "meta.json")):
-        errs.append(f"dit.latents={c.latents}: no meta.json there (not a finished latent extraction)")
+    from vtp_jax.data import latents as latents_lib
+
+    official = bool(c.latents) and latents_lib.is_official(c.latents)
+    if c.latents and not official and not os.path.isfile(os.path.join(c.latents, "meta.json")):
+        errs.append(f"dit.latents={c.latents}: neither a finished latent extraction (meta.json) nor official latent "
+                    "shards (*.safetensors)")
+    if official and not c.tokenizer:
+        errs.append(f"dit.latents={c.latents} holds official latent shards, which do not name their tokenizer: "
+                    "set dit.tokenizer (decodes the samples)")
+    if c.latent_stats and not os.path.exists(c.latent_stats):
+        errs.append(f"dit.latent_stats={c.latent_stats} does not exist")
+    if c.sample.cfg_channels is not None and c.sample.cfg_channels < 1:
+        errs.append(f"dit.sample.cfg_channels={c.sample.cfg_channels}: None (all channels) or >= 1 (3: official)")
     return errs
 
 
 def model_from(config: ml_collections.ConfigDict, meta: dict) -> dit_lib.LightningDiT:
     c = config.dit
     depth, width, heads = dit_lib.DIT_SIZES[c.size]
-    h, _, channels = meta["shape"]
+    h, _, channels = meta["shape"]  # the grid comes from the latents (16 x 16 at 256 px, 32 x 32 at 512 px)
     return dit_lib.LightningDiT(
         input_size=h, patch_size=c.patch_size, in_channels=channels, hidden_size=width, depth=depth,
         num_heads=heads, mlp_ratio=c.mlp_ratio, num_classes=meta["num_classes"],
@@ -77,19 +88,19 @@ class Generator:
     evaluator share it. `images(dit_params, noise, labels)` is jitted once per batch shape."""
 
     def __init__(self, model: dit_lib.LightningDiT, sample: ml_collections.ConfigDict, mean, std, multiplier: float,
-                 tokenizer_model, tokenizer_params):
+                 tokenizer_model, tokenizer_params, latent_shape=None):
         from vtp_jax.models.vtp import IMAGENET_MEAN, IMAGENET_STD, VTP
 
-        self.model, self.num_classes = model, model.num_classes
-        self.latent_shape = (model.input_size, model.input_size, model.in_channels)
+        self.model, self.num_classes, self.sample = model, model.num_classes, sample
+        self.latent_shape = tuple(latent_shape or (model.input_size, model.input_size, model.in_channels))
         self.mean, self.std, self.multiplier = mean, std, multiplier  # the latent normalization
-        self.tokenizer_params = tokenizer_params
+        self.tokenizer_model, self.tokenizer_params = tokenizer_model, tokenizer_params
         channels = model.in_channels
 
         def images(dit_params, tok_params, noise, labels):
             v = lambda x, t, y: model.apply({"params": dit_params}, x, t, y)[..., :channels]  # noqa: E731
             field = lambda x, t: sampling.guided_velocity(  # noqa: E731
-                v, x, t, labels, model.num_classes, sample.cfg_scale, sample.cfg_interval_start)
+                v, x, t, labels, model.num_classes, sample.cfg_scale, sample.cfg_interval_start, sample.cfg_channels)
             z = sampling.ode_sample(field, noise, sample.num_steps, sample.method, sample.shift)
             z = z / multiplier * std + mean
             pixels = tokenizer_model.apply({"params": tok_params}, z, method=VTP.decode)
@@ -100,6 +111,14 @@ class Generator:
     def images(self, dit_params, noise, labels):
         return self._images(dit_params, self.tokenizer_params, noise, labels)
 
+    def with_sample(self, **overrides) -> "Generator":
+        """The same generator with some dit.sample fields replaced (an evaluator's own guidance)."""
+        sample = self.sample.copy_and_resolve_references()
+        for k, v in overrides.items():
+            sample[k] = v
+        return Generator(self.model, sample, self.mean, self.std, self.multiplier, self.tokenizer_model,
+                         self.tokenizer_params, self.latent_shape)
+
 
 def load_generator_parts(config, meta, mesh):
     """(latent mean, std, tokenizer module, replicated tokenizer params) for decoding samples."""
@@ -109,8 +128,10 @@ def load_generator_parts(config, meta, mesh):
     from vtp_jax.models.vtp import VTP
     from vtp_jax.train import evaluate
 
-    folder = config.dit.latents
-    mean, std = latents_lib.load_stats(folder)
+    mean, std = latents_lib.latent_stats(config.dit.latents, config.dit.latent_stats, seed=config.seed)
+    if mean.shape != (meta["shape"][-1],):
+        raise runner.ConfigError(f"the latent statistics ({config.dit.latent_stats or config.dit.latents}) have "
+                                 f"{mean.size} channels, the latents {meta['shape'][-1]}")
     tok_cfg, tok_params = evaluate.load_tokenizer(config.dit.tokenizer or meta["tokenizer"])
     replicated = NamedSharding(mesh, P())
     decoder = {"pixel_decoder": tok_params["pixel_decoder"]}  # all that decoding reads
@@ -175,7 +196,8 @@ def make_job(config: ml_collections.ConfigDict, mesh) -> runner.Job:
     abstract = nn.meta.unbox(jax.eval_shape(lambda: _init_boxed(model, jax.random.key(0))))
     tx = optim.make_optimizer(config.optim, abstract, config.train.steps, depth=0)
     mean, std, tok_model, tok_params = load_generator_parts(config, meta, mesh)
-    generator = Generator(model, config.dit.sample, mean, std, config.dit.latent_multiplier, tok_model, tok_params)
+    generator = Generator(model, config.dit.sample, mean, std, config.dit.latent_multiplier, tok_model, tok_params,
+                          latent_shape=meta["shape"])
 
     def data():
         return latents_lib.make_train_iterator(config.dit.latents, batch_size=config.dit.batch_size,
