@@ -93,6 +93,16 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
+def normalize(z, mean, std, multiplier: float = 1.0):
+    """What the DiT sees: LightningDiT's per-channel (z - mean) / std * multiplier, channels last."""
+    return (z - mean) / std * multiplier
+
+
+def denormalize(x, mean, std, multiplier: float = 1.0):
+    """The inverse of `normalize`: DiT samples back to tokenizer latents."""
+    return x / multiplier * std + mean
+
+
 def _per_channel(a: np.ndarray, path: str, name: str) -> np.ndarray:
     """(C,) from (C,), (1, C) or the release's (1, C, 1, 1): every axis but one has size 1."""
     if a.ndim == 0 or sum(d != 1 for d in a.shape) > 1:

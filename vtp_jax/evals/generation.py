@@ -273,7 +273,7 @@ class FlowLossEvaluator:
         model, channels = generator.model, generator.model.in_channels
 
         def losses(params, z, y, x0, t):
-            x1 = (z - generator.mean) / generator.std * generator.multiplier
+            x1 = latents_lib.normalize(z, generator.mean, generator.std, generator.multiplier)
             v = model.apply({"params": params}, objectives.interpolate(x0, x1, t), t, y)[..., :channels]
             return objectives.flow_loss(v, x0, x1)
 

@@ -89,6 +89,7 @@ class Generator:
 
     def __init__(self, model: dit_lib.LightningDiT, sample: ml_collections.ConfigDict, mean, std, multiplier: float,
                  tokenizer_model, tokenizer_params, latent_shape=None):
+        from vtp_jax.data import latents as latents_lib
         from vtp_jax.models.vtp import IMAGENET_MEAN, IMAGENET_STD, VTP
 
         self.model, self.num_classes, self.sample = model, model.num_classes, sample
@@ -102,7 +103,7 @@ class Generator:
             field = lambda x, t: sampling.guided_velocity(  # noqa: E731
                 v, x, t, labels, model.num_classes, sample.cfg_scale, sample.cfg_interval_start, sample.cfg_channels)
             z = sampling.ode_sample(field, noise, sample.num_steps, sample.method, sample.shift)
-            z = z / multiplier * std + mean
+            z = latents_lib.denormalize(z, mean, std, multiplier)
             pixels = tokenizer_model.apply({"params": tok_params}, z, method=VTP.decode)
             return jnp.clip(pixels * jnp.array(IMAGENET_STD) + jnp.array(IMAGENET_MEAN), 0.0, 1.0)
 
@@ -140,6 +141,8 @@ def load_generator_parts(config, meta, mesh):
 
 
 def make_train_step(config, model: dit_lib.LightningDiT, tx):
+    from vtp_jax.data import latents as latents_lib
+
     c = config.dit
     channels = model.in_channels
 
@@ -150,7 +153,7 @@ def make_train_step(config, model: dit_lib.LightningDiT, tx):
         b = batch["label"].shape[0]
         flip = jax.random.bernoulli(r_flip, 0.5, (b, 1, 1, 1))
         z = jnp.where(flip, batch["latent_flip"], batch["latent"])
-        x1 = (z - mean) / std * c.latent_multiplier
+        x1 = latents_lib.normalize(z, mean, std, c.latent_multiplier)
         t = objectives.sample_logit_normal_t(r_t, (b,), c.t_mu, c.t_sigma)
         x0 = jax.random.normal(r_noise, x1.shape, x1.dtype)
 
