@@ -229,6 +229,7 @@ def _blocks(features, block_size: int):
     if x.ndim != 2:
         raise ValueError(f"features must be (N, D), got shape {x.shape}")
     n = len(x)
+    block_size = max(1, min(block_size, n))  # no padding a small set up to a large block
     n_blocks = max(1, -(-n // block_size))
     x = np.pad(x, ((0, n_blocks * block_size - n), (0, 0)))
     return x.reshape(n_blocks, block_size, -1), (np.arange(n_blocks * block_size) < n).reshape(n_blocks, block_size)

@@ -68,16 +68,17 @@ class GenerationEvaluator:
         self.inception = jax.device_put(fid.load_inception_params(e.inception_params), replicated)
         spatial_on = e.sfid
 
-        def stats(images, valid):  # images: uint8 values / 255
+        def stats(inception, images, valid):  # images: uint8 values / 255
             if spatial_on:
-                feats, spatial = fid.inception_pool_and_spatial(self.inception, images)
+                feats, spatial = fid.inception_pool_and_spatial(inception, images)
             else:
-                feats, spatial = fid.inception_features(self.inception, images), None
-            logits = feats @ self.inception["fc"]["kernel"] + self.inception["fc"]["bias"]
+                feats, spatial = fid.inception_features(inception, images), None
+            logits = feats @ inception["fc"]["kernel"] + inception["fc"]["bias"]
             spatial = None if spatial is None else fid.batch_moments(spatial, valid)
             return fid.batch_moments(feats, valid), spatial, logits, feats
 
-        self._stats = jax.jit(stats)
+        # The weights as an argument: closed over, they would be baked into the program as constants.
+        self._stats = lambda images, valid, f=jax.jit(stats): f(self.inception, images, valid)
         self._reference = None
 
     def _place(self, a):
