@@ -11,6 +11,7 @@ import pickle
 import zipfile
 
 import jax
+import ml_collections
 import ml_dtypes
 import numpy as np
 import pytest
@@ -268,3 +269,27 @@ def test_extraction_takes_the_release_stats(tokenizer, tmp_path):
     c.latents.stats = str(tmp_path / "wrong.pt")
     with pytest.raises(runner.ConfigError, match="3 channels"):
         latents_lib.extract(c, str(tmp_path / "lat2"))
+
+
+def test_flow_loss_evaluator_reads_official_shards(tmp_path):
+    """Held-out latents in the official layout: records NHWC in file order, normalized with the
+    generator's statistics; the loss is the DiT's flow loss on them."""
+    import types
+
+    from vtp_jax.evals import evaluator, generation
+    from vtp_jax.models import dit
+    from vtp_jax.train import sharding
+
+    z, _, y = write_official_shards(str(tmp_path), {(0, 0): 3, (0, 1): 2})
+    model = dit.LightningDiT(input_size=H, patch_size=2, in_channels=C, hidden_size=32, depth=1, num_heads=2,
+                             num_classes=10)
+    params = dit.init_params(model, jax.random.key(0))
+    gen = types.SimpleNamespace(model=model, mean=np.full(C, 0.3, np.float32), std=np.full(C, 0.2, np.float32),
+                                multiplier=1.0)
+    e = evaluator.entry(ml_collections.ConfigDict(dict(type="flow_loss", latents=str(tmp_path), batch_size=4)))
+    ev = generation.FlowLossEvaluator(gen, sharding.make_mesh((1, 1, 1)), e)
+    np.testing.assert_array_equal(ev.z, z.transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(ev.y, y)
+    # Zero-initialized output: v = 0, so the loss is E|x1 - x0|^2 + 1 (the cosine term of a zero vector).
+    loss = ev.run(params)["loss"]
+    assert 1.5 < loss < 3.5  # x1 ~ N(0, 1) after normalization, x0 ~ N(0, 1): E|x1 - x0|^2 = 2

@@ -101,7 +101,8 @@ class Generator:
         def images(dit_params, tok_params, noise, labels):
             v = lambda x, t, y: model.apply({"params": dit_params}, x, t, y)[..., :channels]  # noqa: E731
             field = lambda x, t: sampling.guided_velocity(  # noqa: E731
-                v, x, t, labels, model.num_classes, sample.cfg_scale, sample.cfg_interval_start, sample.cfg_channels)
+                v, x, t, labels, model.num_classes, sample.cfg_scale, sample.cfg_interval_start,
+                sample.get("cfg_channels"))
             z = sampling.ode_sample(field, noise, sample.num_steps, sample.method, sample.shift)
             z = latents_lib.denormalize(z, mean, std, multiplier)
             pixels = tokenizer_model.apply({"params": tok_params}, z, method=VTP.decode)
