@@ -209,9 +209,9 @@ def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
 class PretrainedDiT:
     """LightningDiT fields + float32 params, as jitted velocity and sampling functions.
 
-    Latents are NHWC float32 (B, H, W, C), any grid (input_size is the one the checkpoint's
-    buffers were made for); t in [0, 1] with t = 0 noise and
-    t = 1 data; labels int (B,), `num_classes` being the null (unconditional) class.
+    Latents are NHWC float32 (B, H, W, C) on any grid (input_size is the one the checkpoint's
+    buffers were made for); t in [0, 1] with t = 0 noise and t = 1 data; labels int (B,),
+    `num_classes` being the null (unconditional) class.
     """
 
     config: dict
@@ -247,7 +247,8 @@ class PretrainedDiT:
                 v = lambda x, t, labels: self._velocity(params, x, t, labels)  # noqa: E731
                 if guided:
                     null = self.config["num_classes"]
-                    field = lambda x, t: sampling.guided_velocity(v, x, t, y, null, scale, start, channels)  # noqa: E731
+                    field = lambda x, t: sampling.guided_velocity(  # noqa: E731
+                        v, x, t, y, null, scale, start, channels)
                 else:
                     field = lambda x, t: v(x, t, y)  # noqa: E731
                 return sampling.ode_sample(field, noise, int(num_steps), method, float(shift), atol, rtol)

@@ -106,7 +106,8 @@ def denormalize(x, mean, std, multiplier: float = 1.0):
 def _per_channel(a: np.ndarray, path: str, name: str) -> np.ndarray:
     """(C,) from (C,), (1, C) or the release's (1, C, 1, 1): every axis but one has size 1."""
     if a.ndim == 0 or sum(d != 1 for d in a.shape) > 1:
-        raise ValueError(f"{path}: {name} has shape {a.shape}, expected per-channel values such as (C,) or (1, C, 1, 1)")
+        raise ValueError(f"{path}: {name} has shape {a.shape}, expected per-channel values such as (C,) or "
+                         "(1, C, 1, 1)")
     return a.reshape(-1).astype(np.float32)
 
 
@@ -282,7 +283,7 @@ class OfficialLatentSource:
 
     def labels(self) -> np.ndarray:
         counts = np.diff(self._starts)
-        return np.concatenate([self._read(f, "labels", 0, int(counts[f])) for f in range(len(self.paths))]).astype(np.int64)
+        return np.concatenate([self._read(f, "labels", 0, int(n)) for f, n in enumerate(counts)]).astype(np.int64)
 
 
 def official_meta(folder: str) -> dict:

@@ -248,8 +248,9 @@ class ClassConditionalEvaluator:
 
 class FlowLossEvaluator:
     """The DiT's rectified-flow loss on held-out latents (`latents`: a folder from
-    `vtp_jax.data.latents.extract` of a validation split, or official latent shards), with fixed noise and logit-normal t per
-    record, so every run and every checkpoint is scored on the same draws."""
+    `vtp_jax.data.latents.extract` of a validation split, or official latent shards), with fixed
+    noise and logit-normal t per record, so every run and every checkpoint is scored on the same
+    draws."""
 
     @staticmethod
     def defaults():
