@@ -88,14 +88,11 @@ class GenerationEvaluator:
 
     def _accumulate(self, moments, spatial, feats, valid, acc):
         """Adds one batch to acc = (FeatureStats, spatial FeatureStats, [pool features of valid rows])."""
-        from jax.experimental import multihost_utils
-
         acc[0].update(jax.device_get(moments))
         if spatial is not None:
             acc[1].update(jax.device_get(spatial))
         if self.e.precision_recall:
-            feats, valid = multihost_utils.process_allgather((feats, valid), tiled=True)
-            acc[2].append(np.asarray(feats)[np.asarray(valid)])
+            acc[2].append(_valid_rows(feats, valid))
 
     def reference(self) -> dict:
         """The real side: mu, sigma (+ mu_s, sigma_s with sfid; pool `features` with
@@ -135,11 +132,9 @@ class GenerationEvaluator:
             part = np.asarray(images_uint8[start:start + bs])
             n = len(part)
             part = np.concatenate([part, np.zeros((bs - n, *part.shape[1:]), part.dtype)])
-            acc = (fid.FeatureStats(), fid.FeatureStats(fid.SPATIAL_DIM), [])
             valid = self._place(np.arange(bs) < n)
-            moments, spatial, _, feats = self._stats(self._place(part.astype(np.float32) / 255), valid)
-            self._accumulate(moments, None, feats, valid, acc)
-            out.extend(acc[2])
+            feats = self._stats(self._place(part.astype(np.float32) / 255), valid)[3]
+            out.append(_valid_rows(feats, valid))
         return np.concatenate(out)
 
     def run(self, params) -> dict:
@@ -169,6 +164,14 @@ class GenerationEvaluator:
             out["precision"], out["recall"] = fid.precision_recall(ref["features"], np.concatenate(fake[2]),
                                                                    k=e.nearest_k)
         return out
+
+
+def _valid_rows(feats, valid) -> np.ndarray:
+    """The rows of a batch-sharded array where `valid`, gathered to every process."""
+    from jax.experimental import multihost_utils
+
+    feats, valid = multihost_utils.process_allgather((feats, valid), tiled=True)
+    return np.asarray(feats)[np.asarray(valid)]
 
 
 def _quantize(x, how):
