@@ -27,11 +27,24 @@ def _torch():
     return pytest.importorskip("torch")
 
 
-def write_release_stats(path, mean, std):
-    """torch.save({'mean': (1, C, 1, 1), 'std': (1, C, 1, 1)}) as ImgLatentDataset writes it."""
-    torch = _torch()
+def write_release_stats(path, mean, std, need_torch=False):
+    """torch.save({'mean': (1, C, 1, 1), 'std': (1, C, 1, 1)}) as ImgLatentDataset writes it.
+
+    Tests that only need some statistics file fall back to our stats.npz (same folder, same
+    name with .npz) without torch; returns the path written."""
+    try:
+        import torch
+    except ImportError:
+        if need_torch:
+            pytest.skip("torch is needed to write the release's latents_stats.pt")
+        path = os.path.join(os.path.dirname(str(path)), "stats.npz" if str(path).endswith("latents_stats.pt")
+                            else os.path.basename(str(path))[:-3] + ".npz")
+        np.savez(path, mean=np.asarray(mean, np.float32).reshape(1, -1, 1, 1),
+                 std=np.asarray(std, np.float32).reshape(1, -1, 1, 1))
+        return path
     torch.save({"mean": torch.from_numpy(mean.reshape(1, -1, 1, 1).astype(np.float32)),
                 "std": torch.from_numpy(std.reshape(1, -1, 1, 1).astype(np.float32))}, str(path))
+    return str(path)
 
 
 def write_official_shards(folder, counts, seed=0, dtype=np.float32, classes=10, chw=(C, H, W)):
@@ -96,17 +109,22 @@ def test_torch_file_reader_refuses_code(tmp_path):
 # ------------------------------------------------------------------------------------------
 # Latent statistics.
 # ------------------------------------------------------------------------------------------
-def test_load_stats_release_file_folder_and_ours(tmp_path):
+def test_load_stats_release_file_and_folder(tmp_path):
     rng = np.random.default_rng(0)
     mean, std = rng.standard_normal(C).astype(np.float32), rng.uniform(0.05, 0.3, C).astype(np.float32)
     release = tmp_path / "vtp_l"
     release.mkdir()
-    write_release_stats(release / "latents_stats.pt", mean, std)
+    write_release_stats(release / "latents_stats.pt", mean, std, need_torch=True)
     for path in (release / "latents_stats.pt", release):  # the file or the folder holding it
         m, s = latents_lib.load_stats(str(path))
         assert m.shape == s.shape == (C,) and m.dtype == s.dtype == np.float32
         np.testing.assert_array_equal(m, mean)
         np.testing.assert_array_equal(s, std)
+
+
+def test_load_stats_ours_and_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    mean, std = rng.standard_normal(C).astype(np.float32), rng.uniform(0.05, 0.3, C).astype(np.float32)
     ours = tmp_path / "ours"
     ours.mkdir()
     np.savez(ours / "stats.npz", mean=mean + 1, std=std + 1)
@@ -199,8 +217,8 @@ def test_latent_stats_computed_given_or_overridden(tmp_path):
     np.testing.assert_allclose(m, flat.mean(0), rtol=1e-6)
     np.testing.assert_allclose(s, flat.std(0, ddof=1), rtol=1e-6)
     assert not os.path.exists(tmp_path / "lat" / "latents_stats.pt")  # computed, not written
-    write_release_stats(tmp_path / "given.pt", np.full(C, 2.0), np.full(C, 3.0))
-    m, s = latents_lib.latent_stats(str(tmp_path / "lat"), str(tmp_path / "given.pt"))
+    given = write_release_stats(tmp_path / "given.pt", np.full(C, 2.0), np.full(C, 3.0))
+    m, s = latents_lib.latent_stats(str(tmp_path / "lat"), given)
     assert np.all(m == 2.0) and np.all(s == 3.0)
 
 
@@ -240,11 +258,11 @@ def test_dit_job_reads_official_shards_and_release_stats(tokenizer, tmp_path):
     # the tiny tokenizer's latents (8 x 2 x 2), so samples decode
     _, _, y = write_official_shards(str(tmp_path / "lat"), COUNTS, classes=5, chw=(8, 2, 2))
     mean, std = np.linspace(-0.1, 0.1, 8), np.linspace(0.1, 0.3, 8)
-    write_release_stats(tmp_path / "vtp_x.pt", mean, std)
+    given = write_release_stats(tmp_path / "vtp_x.pt", mean, std)
     c = _dit_config(str(tmp_path / "lat"))
     assert any("set dit.tokenizer" in e for e in dit.validate(c, 1))
     c.dit.tokenizer = tokenizer
-    c.dit.latent_stats = str(tmp_path / "vtp_x.pt")
+    c.dit.latent_stats = given
     assert dit.validate(c, 1) == []
     job = dit.make_job(c, sharding.make_mesh(c.train.mesh))
     assert job.model.input_size == 2 and job.model.in_channels == 8 and job.model.num_classes == int(y.max()) + 1
@@ -257,16 +275,15 @@ def test_dit_job_reads_official_shards_and_release_stats(tokenizer, tmp_path):
 def test_extraction_takes_the_release_stats(tokenizer, tmp_path):
     from vtp_jax.train import runner
 
-    write_release_stats(tmp_path / "vtp.pt", np.arange(8.0), np.full(8, 0.5))
+    given = write_release_stats(tmp_path / "vtp.pt", np.arange(8.0), np.full(8, 0.5))
     c = _dit_config(tokenizer=tokenizer)
-    c.latents.stats = str(tmp_path / "vtp.pt")
+    c.latents.stats = given
     folder = latents_lib.extract(c, str(tmp_path / "lat"))
     m, s = latents_lib.load_stats(folder)
     np.testing.assert_array_equal(m, np.arange(8.0, dtype=np.float32))
     np.testing.assert_array_equal(s, np.full(8, 0.5, np.float32))
-    assert latents_lib.read_meta(folder)["stats"] == str(tmp_path / "vtp.pt")
-    write_release_stats(tmp_path / "wrong.pt", np.zeros(3), np.ones(3))
-    c.latents.stats = str(tmp_path / "wrong.pt")
+    assert latents_lib.read_meta(folder)["stats"] == given
+    c.latents.stats = write_release_stats(tmp_path / "wrong.pt", np.zeros(3), np.ones(3))
     with pytest.raises(runner.ConfigError, match="3 channels"):
         latents_lib.extract(c, str(tmp_path / "lat2"))
 
