@@ -27,6 +27,7 @@ import jax
 from train_step import shaped
 
 from common import record
+from vtp_jax import config as config_lib
 from vtp_jax import jobs
 from vtp_jax.data import pipeline, prepare
 from vtp_jax.jobs import pretrain
@@ -34,7 +35,7 @@ from vtp_jax.train import runner
 
 
 def config(paths: str, batch: int, workers: int):
-    c = pipeline.data_config()  # 256 px CLIP / rec views, 256 / 112 crops, 8 local crops: the VTP defaults
+    c = config_lib.data_config()  # 256 px CLIP / rec views, 256 / 112 crops, 8 local crops: the VTP defaults
     c.source, c.paths = "array_record", paths
     c.batch_clip, c.batch_ssl, c.batch_rec = batch, batch // 4, batch // 8
     c.num_workers, c.read_threads = workers, 1

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vtp_jax import config as config_lib
 from vtp_jax import jobs
 from vtp_jax.data import pipeline, procedural, sources, transforms
 from vtp_jax.images import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 
 def tiny_config(**overrides):
-    c = pipeline.data_config()
+    c = config_lib.data_config()
     c.image_size, c.global_crops_size, c.local_crops_size, c.patch_size = 32, 32, 16, 8
     c.context_length, c.procedural_size = 16, 32
     c.batch_clip, c.batch_ssl, c.batch_rec, c.local_crops_number = 8, 4, 2, 2

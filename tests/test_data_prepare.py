@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vtp_jax import config as config_lib
 from vtp_jax.data import pipeline, prepare, procedural, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +58,7 @@ def test_procedural_cli_parallel_idempotent_and_readable_by_the_pipeline(tmp_pat
     again = prepare.main(cmd[3:])  # same request, in process: nothing rewritten
     assert again == manifest and mtimes(out) == before
 
-    c = pipeline.data_config()
+    c = config_lib.data_config()
     c.source, c.paths = "array_record", os.path.join(out, "*.array_record")
     c.image_size, c.global_crops_size, c.local_crops_size, c.patch_size, c.context_length = 32, 32, 16, 8, 16
     c.batch_clip, c.batch_ssl, c.batch_rec, c.local_crops_number, c.read_threads = 6, 2, 2, 1, 2

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vtp_jax import config as config_lib
 from vtp_jax.data import pipeline, sources, transforms
 
 
@@ -85,7 +86,7 @@ def write_shard(path, records):
 
 
 def corpus_config(paths, **overrides):
-    c = pipeline.data_config()
+    c = config_lib.data_config()
     c.source, c.paths = "array_record", paths
     c.image_size, c.global_crops_size, c.local_crops_size, c.patch_size = 16, 16, 8, 8
     c.context_length, c.local_crops_number, c.read_threads = 16, 1, 2

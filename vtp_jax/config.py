@@ -1,7 +1,8 @@
 """The config sections that several jobs share, and the check that rejects unknown fields.
 
 Every field a job reads is declared with its default and a comment: here for the shared sections
-(train, model, objectives, optim, latents), in the job's module for its own (`vtp_jax.jobs`), whose
+(train, model, data, objectives, optim, latents, the evaluators' data), in the job's module for its
+own (`vtp_jax.jobs`), in each evaluator's `defaults()` for its fields; a job's
 `default_config()` puts them together; `configs/*.py` only override values. `check_fields` rejects
 a config with fields its job's schema does not know, so a typo in a `--config.x=y` override fails
 at start-up instead of being silently ignored.
@@ -9,8 +10,6 @@ at start-up instead of being silently ignored.
 from __future__ import annotations
 
 import ml_collections
-
-from vtp_jax.data import eval_splits, pipeline
 
 
 class ConfigError(ValueError):
@@ -177,15 +176,95 @@ def train_config() -> ml_collections.ConfigDict:
     return c
 
 
+def data_config() -> ml_collections.ConfigDict:
+    """config.data: every field the training pipeline (`vtp_jax.data.pipeline`) reads, with VTP's defaults (256 px, DataComp-scale
+    batches) and DINOv2's augmentation defaults scaled from 224 to 256 px."""
+    c = ml_collections.ConfigDict()
+    # Source of records.
+    c.source = "procedural"  # 'procedural' | 'array_record' | 'tfds'
+    c.paths = ""  # array_record: shard glob, directory, or comma-separated list
+    c.tfds_name = "imagenet2012"  # tfds: an array_record TFDS dataset with image + label
+    c.tfds_split = "train"
+    c.tfds_data_dir = ""  # '' = TFDS default
+    c.procedural_size = 64  # procedural: rendered side (views resize it like any photo)
+    c.procedural_seed = 0  # which procedural dataset (independent of the shuffle seed)
+    c.procedural_records = 2 ** 31  # epoch length grain needs; the generator itself is unbounded
+    c.procedural_objects = 2  # objects per scene at most (1: the label names the only object)
+    # Batches per step, global (each process takes 1/P). VTP: 16k pairs, 4k SSL, 2k reconstruction.
+    c.batch_clip = 16384  # records per step; CLIP view + tokens of all of them
+    c.batch_ssl = 4096  # drawn at random from the CLIP batch; 0 = no SSL views
+    c.batch_rec = 2048  # drawn at random from the CLIP batch; 0 = no reconstruction view
+    # CLIP view and reconstruction view.
+    c.image_size = 256
+    c.clip_scale = (0.9, 1.0)  # RandomResizedCrop area range: OpenCLIP's training default
+    c.context_length = 77  # tokens per caption (the trainer ties it to model.text.context_length)
+    # DINOv2 multi-crop (defaults of ssl_default_config, crop sizes scaled 224 -> 256: 96 -> 112).
+    c.global_crops_size = 256
+    c.local_crops_size = 112
+    c.local_crops_number = 8
+    c.global_crops_scale = (0.32, 1.0)
+    c.local_crops_scale = (0.05, 0.32)
+    c.flip_probability = 0.5
+    c.color_jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    c.color_jitter_probability = 0.8
+    c.grayscale_probability = 0.2
+    c.blur_sigma = (0.1, 2.0)
+    # Blur probability of global crop 1 and 2, as DINOv2 states them. (DINOv2's GaussianBlur
+    # wrapper passes 1 - p to RandomApply, so its code actually blurs crop 1 never and crop 2
+    # with 0.9; set (0.0, 0.9) to reproduce the code rather than the stated recipe.)
+    c.global_blur_probability = (1.0, 0.1)
+    c.local_blur_probability = 0.5
+    c.solarize_probability = 0.2  # global crop 2 only
+    # iBOT masks on the global crops.
+    c.patch_size = 16  # mask grid = global_crops_size / patch_size (the trainer ties it to the model)
+    c.mask_ratio_min_max = (0.1, 0.5)
+    c.mask_probability = 0.5
+    # Decoding and robustness.
+    c.min_image_side = 16  # smaller images are skipped (an upsampled 1x1 teaches nothing)
+    c.max_image_pixels = 89_478_485  # larger ones are skipped before decoding (PIL's bomb limit)
+    c.decode_draft_side = 512  # JPEG DCT-domain downscale while both sides stay >= this; 0 = off
+    # Order and parallelism.
+    c.shuffle = True
+    c.num_epochs = 0  # 0 = repeat forever (each epoch shuffled differently)
+    c.num_workers = 0  # grain mp_prefetch processes; 0 = all in this process
+    c.worker_buffer_size = 2  # batches each worker prepares ahead
+    c.read_threads = 8  # threads decoding records ahead of batching
+    c.read_buffer_size = 128  # decoded records held ahead
+    return c
+
+
+def eval_data_config() -> ml_collections.ConfigDict:
+    """The split(s) an evaluator reads (`evals.<name>.data`) or latents are extracted from
+    (`latents.data`): `vtp_jax.data.eval_splits`."""
+    c = ml_collections.ConfigDict()
+    c.source = "procedural"  # 'procedural' | 'array_record' | 'tfds'
+    c.paths = ""  # array_record: the evaluation split's shards (glob, directory or list)
+    c.train_paths = ""  # array_record: the train split (probes)
+    c.tfds_name = "imagenet2012"
+    c.tfds_data_dir = ""
+    c.split = "validation"  # tfds split evaluated; procedural: seed procedural_seed + 1 (unseen in training)
+    c.train_split = "train"  # tfds split the probes fit on; procedural: seed procedural_seed
+    c.procedural_seed = 0  # the training stream's seed
+    c.procedural_size = 64
+    c.procedural_objects = 2  # objects per scene at most
+    c.num_images = 1000  # images of the evaluated split (0: all; procedural needs a number)
+    c.num_train_images = 2000  # probes: images of the train split
+    c.image_size = 256
+    c.crop = "center"  # 'center' (ADM, rFID / probes / DiT latents) or 'squash' (VTP's zero-shot)
+    c.batch_size = 64  # global; divisible by the mesh's batch shards and the process count
+    return c
+
+
 def latents_config() -> ml_collections.ConfigDict:
     """Cached tokenizer latents for the DiT (`job='extract_latents'`, or the DiT job when
     dit.latents is empty): what to encode with which tokenizer, and how to store it."""
     c = ml_collections.ConfigDict()
     c.tokenizer = ""  # a release-format folder (a run's export/, a released VTP) or a training workdir
-    c.data = eval_splits.data_config()  # its TRAIN split is encoded (train_split / train_paths / num_train_images)
+    c.data = eval_data_config()  # its TRAIN split is encoded (train_split / train_paths / num_train_images)
     c.data.num_train_images = 0  # 0: all (the procedural set needs a number)
     c.part_batches = 50  # global batches per output file: the unit of resumption
     c.stats_samples = 10_000  # per-channel mean / std from this many random unflipped latents (LightningDiT)
+    c.stats = ""  # '' = computed as above; else a stats file / folder (the release's latents_stats.pt) to copy
     c.dtype = "float16"  # storage; latents of the released models have std 0.06-0.2, far from fp16's limits
     return c
 
@@ -206,7 +285,7 @@ def tokenizer_config(job: str) -> ml_collections.ConfigDict:
     the text context length and the iBOT mask grid tied to the model's."""
     c = base_config(job)
     c.model = model_config()
-    c.data = pipeline.data_config()
+    c.data = data_config()
     c.data.context_length = c.model.text.get_ref("context_length")  # one value for both
     c.data.patch_size = c.model.get_ref("patch_size")  # iBOT mask grid
     c.objectives = objectives_config()

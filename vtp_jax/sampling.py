@@ -80,15 +80,19 @@ def ode_sample(velocity_fn: Callable, noise, num_steps: int, method: str = "eule
     return x
 
 
-def guided_velocity(velocity_fn: Callable, x, t, y, null_class: int, cfg_scale, cfg_interval_start=0.0):
+def guided_velocity(velocity_fn: Callable, x, t, y, null_class: int, cfg_scale, cfg_interval_start=0.0,
+                    cfg_channels: int | None = None):
     """Classifier-free guidance v_u + scale * (v_c - v_u), with one batched model call.
 
     velocity_fn(x, t, y) is the model; unconditional = label `null_class`. Samples whose
     t < cfg_interval_start (the noisy part: t = 0 is noise) get the conditional velocity, as the
-    official cfg interval. Guidance is applied to ALL channels; the official forward_with_cfg
-    guides only the first 3 channels (a DiT leftover for 4-channel SD latents) and leaves the
-    others conditional, so the two agree exactly only for in_channels <= 3 (or scale 1).
+    official cfg interval. `cfg_channels` None guides every channel (the standard CFG); k guides
+    the first k channels and leaves the others conditional, as the official forward_with_cfg does
+    with k = 3 (a DiT leftover for 4-channel SD latents, kept there "for exact reproducibility"):
+    the setting that reproduces samples of official CFG runs.
     """
+    if cfg_channels is not None and cfg_channels < 1:
+        raise ValueError(f"cfg_channels={cfg_channels}: None (all channels) or the number of leading channels guided")
     if isinstance(cfg_scale, (int, float)) and cfg_scale == 1.0:
         return velocity_fn(x, t, y)
     b = x.shape[0]
@@ -96,5 +100,7 @@ def guided_velocity(velocity_fn: Callable, x, t, y, null_class: int, cfg_scale, 
                        jnp.concatenate([y, jnp.full_like(y, null_class)]))
     cond, uncond = both[:b], both[b:]
     guided = uncond + cfg_scale * (cond - uncond)
+    if cfg_channels is not None and cfg_channels < x.shape[-1]:  # channels last
+        guided = jnp.concatenate([guided[..., :cfg_channels], cond[..., cfg_channels:]], axis=-1)
     on = jnp.reshape(t >= cfg_interval_start, (-1,) + (1,) * (x.ndim - 1))
     return jnp.where(on, guided, cond)

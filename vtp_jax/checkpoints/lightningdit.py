@@ -209,8 +209,9 @@ def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
 class PretrainedDiT:
     """LightningDiT fields + float32 params, as jitted velocity and sampling functions.
 
-    Latents are NHWC float32 (B, input_size, input_size, C); t in [0, 1] with t = 0 noise and
-    t = 1 data; labels int (B,), `num_classes` being the null (unconditional) class.
+    Latents are NHWC float32 (B, H, W, C) on any grid (input_size is the one the checkpoint's
+    buffers were made for); t in [0, 1] with t = 0 noise and t = 1 data; labels int (B,),
+    `num_classes` being the null (unconditional) class.
     """
 
     config: dict
@@ -232,18 +233,22 @@ class PretrainedDiT:
                                      jnp.asarray(y, jnp.int32))
 
     def sample(self, noise, y, num_steps: int, shift: float = 0.0, method: str = "euler", cfg_scale: float = 1.0,
-               cfg_interval_start: float = 0.0, atol: float = 1e-6, rtol: float = 1e-3) -> jax.Array:
+               cfg_interval_start: float = 0.0, atol: float = 1e-6, rtol: float = 1e-3,
+               cfg_channels: int | None = None) -> jax.Array:
         """Integrates the ODE from `noise` (t = 0) to data (t = 1) on the official grid (see
         vtp_jax.sampling: num_steps grid points; shift <= 0 is no shift), with classifier-free
-        guidance when cfg_scale != 1 (on all channels; not below cfg_interval_start)."""
+        guidance when cfg_scale != 1 (not below cfg_interval_start; on all channels, or on the
+        first `cfg_channels` with the rest conditional: 3 reproduces the official sampler)."""
         guided = float(cfg_scale) != 1.0
-        key = ("sample", int(num_steps), float(shift), method, guided, float(atol), float(rtol))
+        channels = None if cfg_channels is None else int(cfg_channels)
+        key = ("sample", int(num_steps), float(shift), method, guided, float(atol), float(rtol), channels)
         if key not in self._fns:
             def fn(params, noise, y, scale, start):
                 v = lambda x, t, labels: self._velocity(params, x, t, labels)  # noqa: E731
                 if guided:
                     null = self.config["num_classes"]
-                    field = lambda x, t: sampling.guided_velocity(v, x, t, y, null, scale, start)  # noqa: E731
+                    field = lambda x, t: sampling.guided_velocity(  # noqa: E731
+                        v, x, t, y, null, scale, start, channels)
                 else:
                     field = lambda x, t: v(x, t, y)  # noqa: E731
                 return sampling.ode_sample(field, noise, int(num_steps), method, float(shift), atol, rtol)

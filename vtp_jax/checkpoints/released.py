@@ -8,13 +8,14 @@ collected and reported in one error so that a user fixes a bad checkpoint in one
 from __future__ import annotations
 
 import json
-import os
 import jax
 import ml_collections
 import ml_dtypes
 import numpy as np
 
 from vtp_jax import config as config_lib
+from vtp_jax import paths
+from vtp_jax.checkpoints import hub
 from vtp_jax.models import layers as layers_lib
 from vtp_jax.models import vtp as vtp_lib
 
@@ -325,19 +326,20 @@ def _unflatten(flat: dict[str, np.ndarray]):
 
 def load_release(folder: str, scan_layers: bool = False):
     """(model config, params) from a release folder; with `scan_layers` the config says so and
-    each block stack's params are stacked (<tower>/blocks/..., leading depth axis)."""
-    cfg_path, st_path = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
+    each block stack's params are stacked (<tower>/blocks/..., leading depth axis). `folder` is a
+    local or gs:// folder or a Hugging Face hub id ("MiniMaxAI/VTP-Large-f16d64")."""
+    folder = hub.resolve(folder)
+    cfg_path, st_path = paths.join(folder, "config.json"), paths.join(folder, "model.safetensors")
     for p in (cfg_path, st_path):
-        if not os.path.exists(p):
+        if not paths.exists(p):
             raise FileNotFoundError(f"{p} not found: a released VTP folder holds config.json and model.safetensors")
-    with open(cfg_path) as f:
-        try:
-            rc = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
+    try:
+        rc = json.loads(paths.read_text(cfg_path))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
     c = config_from_release(rc)
     c.scan_layers = scan_layers
-    params = convert(read_safetensors(st_path), c)
+    params = convert(read_safetensors(paths.local_copy(st_path)), c)  # memory-mapped: a local file
     return c, jax.tree.map(np.asarray, params)
 
 
@@ -379,7 +381,5 @@ def export_release(c: ml_collections.ConfigDict, params, folder: str, image_size
     flat = {"/".join(k): np.asarray(v, np.float32) for k, v in _flatten(jax.device_get(params)).items()}
     tensors = {k: np.ascontiguousarray(to_release(layout, flat[path])) for k, (path, layout) in key_map(c).items()}
     tensors.update({k: np.ascontiguousarray(v) for k, v in _rope_buffers(c).items()})
-    os.makedirs(folder, exist_ok=True)
-    safetensors.numpy.save_file(tensors, os.path.join(folder, "model.safetensors"))
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(rc, f, indent=1)
+    paths.write_bytes(paths.join(folder, "model.safetensors"), safetensors.numpy.save(tensors))
+    paths.write_json(paths.join(folder, "config.json"), rc, indent=1)

@@ -17,7 +17,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from vtp_jax import config as config_lib
-from vtp_jax.checkpoints import released
+from vtp_jax import paths
+from vtp_jax.checkpoints import hub, released
 
 
 def is_release_folder(path: str) -> bool:
@@ -26,8 +27,10 @@ def is_release_folder(path: str) -> bool:
 
 def load_tokenizer(path: str, field: str = "eval.checkpoint"):
     """(model config, float32 params on host) of a release folder or a training workdir; `field`
-    is the config field that named `path`, for the error a user can act on."""
-    if not os.path.isdir(path):
+    is the config field that named `path`, for the error a user can act on. A Hugging Face hub id
+    ("MiniMaxAI/VTP-Large-f16d64") is resolved to its downloaded folder."""
+    path = hub.resolve(path, field)
+    if not paths.isdir(path):
         raise FileNotFoundError(f"{field}={path!r} is not a folder: give a release-format folder (a run's export/, "
                                 f"a released VTP) or a training workdir (--config.{field}=DIR)")
     if is_release_folder(path):

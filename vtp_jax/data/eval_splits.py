@@ -17,27 +17,6 @@ from vtp_jax import sharding
 from vtp_jax.data import pipeline, sources
 
 
-def data_config() -> ml_collections.ConfigDict:
-    """The split(s) an evaluator reads."""
-    c = ml_collections.ConfigDict()
-    c.source = "procedural"  # 'procedural' | 'array_record' | 'tfds'
-    c.paths = ""  # array_record: the evaluation split's shards (glob, directory or list)
-    c.train_paths = ""  # array_record: the train split (probes)
-    c.tfds_name = "imagenet2012"
-    c.tfds_data_dir = ""
-    c.split = "validation"  # tfds split evaluated; procedural: seed procedural_seed + 1 (unseen in training)
-    c.train_split = "train"  # tfds split the probes fit on; procedural: seed procedural_seed
-    c.procedural_seed = 0  # the training stream's seed
-    c.procedural_size = 64
-    c.procedural_objects = 2  # objects per scene at most
-    c.num_images = 1000  # images of the evaluated split (0: all; procedural needs a number)
-    c.num_train_images = 2000  # probes: images of the train split
-    c.image_size = 256
-    c.crop = "center"  # 'center' (ADM, rFID / probes / DiT latents) or 'squash' (VTP's zero-shot)
-    c.batch_size = 64  # global; divisible by the mesh's batch shards and the process count
-    return c
-
-
 class _Head:
     """The first n records of a random-access source."""
 

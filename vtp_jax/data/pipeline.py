@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Collection, Iterator
 
 import grain
-import ml_collections
 import numpy as np
 
 from vtp_jax.data import sources, transforms
@@ -45,63 +44,6 @@ COUNTERS = (
 )
 _COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
 _STREAM_CLIP, _STREAM_SSL, _STREAM_STEP = 0, 1, 2
-
-
-def data_config() -> ml_collections.ConfigDict:
-    """config.data: every field the pipeline reads, with VTP's defaults (256 px, DataComp-scale
-    batches) and DINOv2's augmentation defaults scaled from 224 to 256 px."""
-    c = ml_collections.ConfigDict()
-    # Source of records.
-    c.source = "procedural"  # 'procedural' | 'array_record' | 'tfds'
-    c.paths = ""  # array_record: shard glob, directory, or comma-separated list
-    c.tfds_name = "imagenet2012"  # tfds: an array_record TFDS dataset with image + label
-    c.tfds_split = "train"
-    c.tfds_data_dir = ""  # '' = TFDS default
-    c.procedural_size = 64  # procedural: rendered side (views resize it like any photo)
-    c.procedural_seed = 0  # which procedural dataset (independent of the shuffle seed)
-    c.procedural_records = 2 ** 31  # epoch length grain needs; the generator itself is unbounded
-    c.procedural_objects = 2  # objects per scene at most (1: the label names the only object)
-    # Batches per step, global (each process takes 1/P). VTP: 16k pairs, 4k SSL, 2k reconstruction.
-    c.batch_clip = 16384  # records per step; CLIP view + tokens of all of them
-    c.batch_ssl = 4096  # drawn at random from the CLIP batch; 0 = no SSL views
-    c.batch_rec = 2048  # drawn at random from the CLIP batch; 0 = no reconstruction view
-    # CLIP view and reconstruction view.
-    c.image_size = 256
-    c.clip_scale = (0.9, 1.0)  # RandomResizedCrop area range: OpenCLIP's training default
-    c.context_length = 77  # tokens per caption (the trainer ties it to model.text.context_length)
-    # DINOv2 multi-crop (defaults of ssl_default_config, crop sizes scaled 224 -> 256: 96 -> 112).
-    c.global_crops_size = 256
-    c.local_crops_size = 112
-    c.local_crops_number = 8
-    c.global_crops_scale = (0.32, 1.0)
-    c.local_crops_scale = (0.05, 0.32)
-    c.flip_probability = 0.5
-    c.color_jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
-    c.color_jitter_probability = 0.8
-    c.grayscale_probability = 0.2
-    c.blur_sigma = (0.1, 2.0)
-    # Blur probability of global crop 1 and 2, as DINOv2 states them. (DINOv2's GaussianBlur
-    # wrapper passes 1 - p to RandomApply, so its code actually blurs crop 1 never and crop 2
-    # with 0.9; set (0.0, 0.9) to reproduce the code rather than the stated recipe.)
-    c.global_blur_probability = (1.0, 0.1)
-    c.local_blur_probability = 0.5
-    c.solarize_probability = 0.2  # global crop 2 only
-    # iBOT masks on the global crops.
-    c.patch_size = 16  # mask grid = global_crops_size / patch_size (the trainer ties it to the model)
-    c.mask_ratio_min_max = (0.1, 0.5)
-    c.mask_probability = 0.5
-    # Decoding and robustness.
-    c.min_image_side = 16  # smaller images are skipped (an upsampled 1x1 teaches nothing)
-    c.max_image_pixels = 89_478_485  # larger ones are skipped before decoding (PIL's bomb limit)
-    c.decode_draft_side = 512  # JPEG DCT-domain downscale while both sides stay >= this; 0 = off
-    # Order and parallelism.
-    c.shuffle = True
-    c.num_epochs = 0  # 0 = repeat forever (each epoch shuffled differently)
-    c.num_workers = 0  # grain mp_prefetch processes; 0 = all in this process
-    c.worker_buffer_size = 2  # batches each worker prepares ahead
-    c.read_threads = 8  # threads decoding records ahead of batching
-    c.read_buffer_size = 128  # decoded records held ahead
-    return c
 
 
 def _check(c, views: Collection[str], process_count: int):

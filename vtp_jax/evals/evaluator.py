@@ -17,7 +17,6 @@ import ml_collections
 from absl import logging
 
 from vtp_jax import config as config_lib
-from vtp_jax.data import eval_splits
 
 TYPES = {
     "reconstruction": "vtp_jax.evals.reconstruction:Evaluator",
@@ -35,7 +34,7 @@ def entry_defaults(kind: str) -> ml_collections.ConfigDict:
     c.type = kind
     c.every = 0  # steps between runs during training (0: only at the end)
     c.prefix = ml_collections.FieldReference(None, field_type=str)  # metric names: '<prefix>/<metric>'
-    c.data = eval_splits.data_config()
+    c.data = config_lib.eval_data_config()
     c.update(evaluator_class(kind).defaults())
     return c
 

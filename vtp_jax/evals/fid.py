@@ -11,6 +11,10 @@ features of pytorch-fid's Inception-v3 (`vtp_jax.models.inception`). The pipelin
 Reference batches from ADM (guided-diffusion's evaluations) were made with TF's Inception graph,
 whose port pytorch-fid says gives slightly different numbers (interpolation and backends); they
 are still the usual yardstick.
+
+ADM's evaluator reports two more numbers, also here: sFID, the same distance on spatial features
+(`spatial_features`: the `mixed_6/conv` tap, see FIDInceptionV3.pool_and_spatial), and improved
+precision / recall (Kynkaanniemi et al. 2019) on the pool features (`precision_recall`).
 """
 from __future__ import annotations
 
@@ -27,9 +31,12 @@ from absl import logging
 from vtp_jax.checkpoints import load_converted
 from vtp_jax.models import inception as inception_lib
 
-__all__ = ["inception_input", "inception_features", "inception_logits", "load_inception_params", "BatchMoments",
-           "batch_moments", "feature_sums", "FeatureStats", "frechet_distance", "load_reference_stats",
+__all__ = ["inception_input", "inception_features", "inception_logits", "spatial_features",
+           "inception_pool_and_spatial", "load_inception_params", "BatchMoments", "batch_moments", "feature_sums",
+           "FeatureStats", "frechet_distance", "sfid", "manifold_radii", "precision_recall", "load_reference_stats",
            "save_stats"]
+
+SPATIAL_DIM = inception_lib.SPATIAL_DIM
 
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                  "pt_inception-2015-12-05-6726825d.pth")
@@ -68,6 +75,23 @@ def inception_logits(params, images, dtype=jnp.float32):
     """(B, 1008) float32 logits of the same network (the Inception Score's classifier)."""
     return inception_lib.FIDInceptionV3(dtype).apply({"params": params}, inception_input(images),
                                                      method="logits")
+
+
+def inception_pool_and_spatial(params, images, dtype=jnp.float32):
+    """((B, 2048) FID features, (B, 2023) sFID features) of NHWC images in [0, 1], in one pass."""
+    pool, spatial = inception_lib.FIDInceptionV3(dtype).apply({"params": params}, inception_input(images),
+                                                              method="pool_and_spatial")
+    return pool, _flatten_spatial(spatial)
+
+
+def spatial_features(params, images, dtype=jnp.float32):
+    """(B, 2023) sFID features as ADM's evaluator takes them: `mixed_6/conv` (Mixed_6d's 1x1 branch,
+    17 x 17 x 192 at 299 px), its first 7 channels, flattened row, column, channel (TF's NHWC)."""
+    return inception_pool_and_spatial(params, images, dtype)[1]
+
+
+def _flatten_spatial(spatial):
+    return spatial[..., :inception_lib.SPATIAL_CHANNELS].reshape(spatial.shape[0], -1)
 
 
 def load_inception_params(path: str):
@@ -183,6 +207,94 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+def sfid(fake, real) -> float:
+    """sFID of two sets of `spatial_features` (N, 2023): the Frechet distance of the Gaussians
+    fitted to them (mean, np.cov), as ADM's evaluator computes it from its mu_s / sigma_s."""
+    fake, real = (np.asarray(a, np.float64) for a in (fake, real))
+    return frechet_distance(fake.mean(0), np.cov(fake, rowvar=False), real.mean(0), np.cov(real, rowvar=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Improved precision and recall (Kynkaanniemi et al. 2019), as ADM's ManifoldEstimator.
+# ----------------------------------------------------------------------------------------------
+def _sq_distances(a, b):
+    """(R, C) squared Euclidean distances |a|^2 - 2 a.b + |b|^2, clamped at 0 (ADM's DistanceBlock)."""
+    ab = jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
+    return jnp.maximum(jnp.sum(a * a, -1)[:, None] - 2 * ab + jnp.sum(b * b, -1)[None], 0.0)
+
+
+def _blocks(features, block_size: int):
+    """(n_blocks, block, D) float32 zero-padded rows and the (n_blocks, block) mask of real ones."""
+    x = np.asarray(features, np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"features must be (N, D), got shape {x.shape}")
+    n = len(x)
+    block_size = max(1, min(block_size, n))  # no padding a small set up to a large block
+    n_blocks = max(1, -(-n // block_size))
+    x = np.pad(x, ((0, n_blocks * block_size - n), (0, 0)))
+    return x.reshape(n_blocks, block_size, -1), (np.arange(n_blocks * block_size) < n).reshape(n_blocks, block_size)
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _kth_distances(blocks, valid, k: int):
+    def per_row_block(rows):
+        def per_col_block(best, cols):
+            d = jnp.where(cols[1][None], _sq_distances(rows, cols[0]), jnp.inf)
+            return -jax.lax.top_k(-jnp.concatenate([best, d], axis=1), k + 1)[0], None
+
+        best, _ = jax.lax.scan(per_col_block, jnp.full((rows.shape[0], k + 1), jnp.inf), (blocks, valid))
+        return best[:, k]
+
+    return jax.lax.map(per_row_block, blocks)
+
+
+@jax.jit
+def _inside(eval_blocks, ref_blocks, ref_radii):
+    def per_row_block(rows):
+        def per_col_block(inside, cols):
+            return inside | jnp.any(_sq_distances(rows, cols[0]) <= cols[1][None], axis=1), None
+
+        inside, _ = jax.lax.scan(per_col_block, jnp.zeros(rows.shape[0], bool), (ref_blocks, ref_radii))
+        return inside
+
+    return jax.lax.map(per_row_block, eval_blocks)
+
+
+def manifold_radii(features, k: int = 3, block_size: int = 4096) -> np.ndarray:
+    """(N,) squared distance of each feature vector to its k-th nearest neighbour in the set (itself
+    excluded: ADM takes entry k of each sorted row, entry 0 being the point itself)."""
+    blocks, valid = _blocks(features, block_size)
+    if valid.sum() <= k:
+        raise ValueError(f"manifold_radii needs more than k={k} feature vectors, got {int(valid.sum())}")
+    return np.asarray(_kth_distances(jnp.asarray(blocks), jnp.asarray(valid), k)).reshape(-1)[valid.reshape(-1)]
+
+
+def _coverage(eval_features, ref_features, ref_radii, block_size):
+    """Fraction of eval vectors within the radius of at least one reference vector."""
+    e, e_valid = _blocks(eval_features, block_size)
+    r, r_valid = _blocks(ref_features, block_size)
+    radii = np.full(r_valid.size, -np.inf, np.float32)  # padding contains nothing
+    radii[r_valid.reshape(-1)] = ref_radii
+    inside = np.asarray(_inside(jnp.asarray(e), jnp.asarray(r), jnp.asarray(radii.reshape(r_valid.shape))))
+    return float(inside[e_valid].mean())
+
+
+def precision_recall(real, fake, k: int = 3, block_size: int = 4096) -> tuple[float, float]:
+    """Improved precision and recall of `fake` against `real` (N, D) features, as ADM's evaluator.
+
+    Each set's manifold is the union of balls around its vectors, of radius the distance to the
+    k-th nearest neighbour in the same set; precision is the fraction of fake vectors inside the
+    real manifold, recall the fraction of real ones inside the fake manifold (a point on a sphere
+    counts as inside). Distances are computed in float32 blocks of block_size x block_size (ADM
+    tries float16 first). Returns (precision, recall).
+    """
+    real, fake = np.asarray(real, np.float32), np.asarray(fake, np.float32)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"precision_recall needs (N, D) features of equal D, got {real.shape} and {fake.shape}")
+    radii_real, radii_fake = manifold_radii(real, k, block_size), manifold_radii(fake, k, block_size)
+    return (_coverage(fake, real, radii_real, block_size), _coverage(real, fake, radii_fake, block_size))
+
+
 def _check_stats(mu, sigma, dim, source):
     if mu.ndim != 1 or (dim is not None and mu.shape[0] != dim) or sigma.shape != (mu.shape[0],) * 2:
         want = "D" if dim is None else str(dim)
@@ -190,9 +302,13 @@ def _check_stats(mu, sigma, dim, source):
                          f"and sigma {sigma.shape}")
 
 
-def load_reference_stats(path: str, dim: int | None = inception_lib.FEATURE_DIM):
-    """(mu, sigma) in float64 from an .npz with keys 'mu' and 'sigma': an ADM reference batch
-    (its images 'arr_0' and spatial 'mu_s' / 'sigma_s' are not read) or a `save_stats` file."""
+def load_reference_stats(path: str, dim: int | None = inception_lib.FEATURE_DIM, spatial: bool = False):
+    """(mu, sigma) in float64 from an .npz with keys 'mu' and 'sigma' (with `spatial`, sFID's 'mu_s'
+    and 'sigma_s', 2023-d): an ADM reference batch (its images 'arr_0' are not read here) or a
+    `save_stats` file."""
+    keys = ("mu_s", "sigma_s") if spatial else ("mu", "sigma")
+    if spatial and dim == inception_lib.FEATURE_DIM:
+        dim = SPATIAL_DIM
     if not os.path.isfile(path):
         raise FileNotFoundError(f"FID reference statistics {path!r} do not exist (an ADM reference batch "
                                 "such as VIRTUAL_imagenet256_labeled.npz, or a file written by save_stats)")
@@ -203,18 +319,22 @@ def load_reference_stats(path: str, dim: int | None = inception_lib.FEATURE_DIM)
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise ValueError(f"{path}: a single .npy array, expected an .npz archive with 'mu' and 'sigma'")
     with archive:
-        missing = [k for k in ("mu", "sigma") if k not in archive.files]
+        missing = [k for k in keys if k not in archive.files]
         if missing:
             raise ValueError(f"{path}: missing {', '.join(missing)}; it has {archive.files}, FID "
-                             "statistics need 'mu' (D,) and 'sigma' (D, D)")
-        mu, sigma = np.asarray(archive["mu"], np.float64), np.asarray(archive["sigma"], np.float64)
+                             f"statistics need {keys[0]!r} (D,) and {keys[1]!r} (D, D)")
+        mu, sigma = np.asarray(archive[keys[0]], np.float64), np.asarray(archive[keys[1]], np.float64)
     _check_stats(mu, sigma, dim, path)
     return mu, sigma
 
 
-def save_stats(path: str, mu, sigma) -> None:
-    """Write (mu, sigma) as an .npz with keys 'mu' and 'sigma', the ADM reference-batch format."""
-    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
-    _check_stats(mu, sigma, None, "save_stats")
+def save_stats(path: str, mu, sigma, mu_s=None, sigma_s=None) -> None:
+    """Write (mu, sigma), and sFID's (mu_s, sigma_s) if given, as an .npz in the ADM
+    reference-batch format."""
+    arrays = dict(mu=mu, sigma=sigma) if mu_s is None else dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    arrays = {k: np.asarray(v, np.float64) for k, v in arrays.items()}
+    _check_stats(arrays["mu"], arrays["sigma"], None, "save_stats")
+    if mu_s is not None:
+        _check_stats(arrays["mu_s"], arrays["sigma_s"], None, "save_stats (spatial)")
     with open(path, "wb") as f:  # a file object keeps np.savez from appending '.npz' to the name.
-        np.savez(f, mu=mu, sigma=sigma)
+        np.savez(f, **arrays)

@@ -1,10 +1,12 @@
-"""gFID and Inception Score of a class-conditional generator (the DiT job's `Generator`).
+"""gFID, sFID, Inception Score and improved precision / recall of a class-conditional generator
+(the DiT job's `Generator`): the five numbers of ADM's evaluator (guided-diffusion's evaluations).
 
 N samples (labels uniform at random, noise seeded) are generated batch by batch with the batch
 sharded over the mesh, quantized as the release does (truncated uint8), and only their Inception
-statistics are kept (streamed; no image is written). FID is against reference statistics (ADM's
-VIRTUAL_imagenet256_labeled.npz, or our own from `fid.save_stats`), or, without a file, against
-the statistics of a real split read here (procedural or any dataset) and cached on disk.
+statistics are kept (streamed; the 2048-d pool features too when precision / recall are on). The
+reference is a file (ADM's VIRTUAL_imagenet256_labeled.npz: mu / sigma, mu_s / sigma_s, and its
+images arr_0, which precision / recall need; or our own from `fid.save_stats`); what the file
+lacks comes from the real images of a split read here (procedural or any dataset), computed once.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from vtp_jax.data import eval_splits
 from vtp_jax.data import latents as latents_lib
 from vtp_jax.evals import evaluator, fid
 from vtp_jax.models.classifier import DomainClassifier
+
+GUIDANCE_FIELDS = ("cfg_scale", "cfg_interval_start", "cfg_channels")
 
 
 def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
@@ -45,11 +49,21 @@ class GenerationEvaluator:
         c.num_samples = 10_000  # 50k for the paper's protocol
         c.batch_size = 64  # global samples per generation step
         c.inception_params = ""  # `python -m vtp_jax.checkpoints.torch_convert inception` output
-        c.reference_stats = ""  # .npz with mu, sigma; '' = real images of `data` (cached next to the workdir)
+        c.reference_stats = ""  # .npz with mu, sigma (ADM's: + mu_s, sigma_s, arr_0); '' = real images of `data`
+        c.sfid = True  # sFID on the spatial features (reference: the file's mu_s / sigma_s, else `data`)
+        c.precision_recall = True  # improved precision / recall (real features: the file's arr_0, else `data`)
+        c.nearest_k = 3  # precision / recall neighbourhood (ADM: 3)
+        # The samples' guidance; None: the DiT job's dit.sample. cfg_channels k >= the latent channels: all.
+        c.cfg_scale = ml_collections.FieldReference(None, field_type=float)
+        c.cfg_interval_start = ml_collections.FieldReference(None, field_type=float)
+        c.cfg_channels = ml_collections.FieldReference(None, field_type=int)
         c.seed = 0
         return c
 
     def __init__(self, generator, mesh, e):
+        overrides = {k: e[k] for k in GUIDANCE_FIELDS if e[k] is not None}
+        if overrides:
+            generator = generator.with_sample(**overrides)
         self.generator, self.mesh, self.e = generator, mesh, e
         self.enabled = not evaluator.missing_weights("generation", "Inception", e.inception_params,
                                                      "inception_params")
@@ -57,28 +71,74 @@ class GenerationEvaluator:
             return
         replicated = NamedSharding(mesh, P())
         self.inception = jax.device_put(fid.load_inception_params(e.inception_params), replicated)
+        spatial_on = e.sfid
 
-        def stats(images, valid):  # images: uint8 values / 255
-            feats = fid.inception_features(self.inception, images)
-            logits = feats @ self.inception["fc"]["kernel"] + self.inception["fc"]["bias"]
-            return fid.batch_moments(feats, valid), logits
+        def stats(inception, images, valid):  # images: uint8 values / 255
+            if spatial_on:
+                feats, spatial = fid.inception_pool_and_spatial(inception, images)
+            else:
+                feats, spatial = fid.inception_features(inception, images), None
+            logits = feats @ inception["fc"]["kernel"] + inception["fc"]["bias"]
+            spatial = None if spatial is None else fid.batch_moments(spatial, valid)
+            return fid.batch_moments(feats, valid), spatial, logits, feats
 
-        self._stats = jax.jit(stats)
+        # The weights as an argument: closed over, they would be baked into the program as constants.
+        self._stats = lambda images, valid, f=jax.jit(stats): f(self.inception, images, valid)
         self._reference = None
 
-    def reference(self):
-        """(mu, sigma) of the reference: the file if given, else the real images of `data`."""
-        if self._reference is None:
-            if self.e.reference_stats:
-                self._reference = fid.load_reference_stats(self.e.reference_stats)
-            else:
-                real = fid.FeatureStats()
-                for b in eval_splits.batches(self.e.data, self.mesh):
-                    real.update(jax.device_get(self._stats(_quantize(b["images"], jnp.round), b["valid"])[0]))
-                self._reference = real.mu(), real.sigma()
-                logging.info("generation: reference statistics from %d real images of %s", real.count,
-                             self.e.data.source)
-        return self._reference
+    def _place(self, a):
+        return jax.device_put(a, sharding.batch_sharding(self.mesh, a.ndim))
+
+    def _accumulate(self, moments, spatial, feats, valid, acc):
+        """Adds one batch to acc = (FeatureStats, spatial FeatureStats, [pool features of valid rows])."""
+        acc[0].update(jax.device_get(moments))
+        if spatial is not None:
+            acc[1].update(jax.device_get(spatial))
+        if self.e.precision_recall:
+            acc[2].append(_valid_rows(feats, valid))
+
+    def reference(self) -> dict:
+        """The real side: mu, sigma (+ mu_s, sigma_s with sfid; pool `features` with
+        precision_recall), from the file where it has them, the rest from the real images of `data`."""
+        if self._reference is not None:
+            return self._reference
+        e, ref = self.e, {}
+        if e.reference_stats:
+            ref["mu"], ref["sigma"] = fid.load_reference_stats(e.reference_stats)
+            with np.load(e.reference_stats) as archive:
+                files = set(archive.files)
+                if e.sfid and {"mu_s", "sigma_s"} <= files:
+                    ref["mu_s"], ref["sigma_s"] = fid.load_reference_stats(e.reference_stats, spatial=True)
+                if e.precision_recall and "arr_0" in files:  # ADM: features of the batch's own images
+                    ref["features"] = self._features_of(archive["arr_0"])
+        missing = [k for k, on in (("mu", True), ("mu_s", e.sfid), ("features", e.precision_recall))
+                   if on and k not in ref]
+        if missing:
+            acc = (fid.FeatureStats(), fid.FeatureStats(fid.SPATIAL_DIM), [])
+            for b in eval_splits.batches(e.data, self.mesh):
+                moments, spatial, _, feats = self._stats(_quantize(b["images"], jnp.round), b["valid"])
+                self._accumulate(moments, spatial, feats, b["valid"], acc)
+            real = {"mu": acc[0].mu(), "sigma": acc[0].sigma()}
+            if e.sfid:
+                real.update(mu_s=acc[1].mu(), sigma_s=acc[1].sigma())
+            if e.precision_recall:
+                real["features"] = np.concatenate(acc[2])
+            ref.update({k: v for k, v in real.items() if k not in ref})
+            logging.info("generation: reference %s from %d real images of %s", missing, acc[0].count, e.data.source)
+        self._reference = ref
+        return ref
+
+    def _features_of(self, images_uint8) -> np.ndarray:
+        """Pool features of (N, H, W, 3) uint8 images (a reference batch's arr_0)."""
+        bs, out = self.e.batch_size, []
+        for start in range(0, len(images_uint8), bs):
+            part = np.asarray(images_uint8[start:start + bs])
+            n = len(part)
+            part = np.concatenate([part, np.zeros((bs - n, *part.shape[1:]), part.dtype)])
+            valid = self._place(np.arange(bs) < n)
+            feats = self._stats(self._place(part.astype(np.float32) / 255), valid)[3]
+            out.append(_valid_rows(feats, valid))
+        return np.concatenate(out)
 
     def run(self, params) -> dict:
         if not self.enabled:
@@ -87,20 +147,34 @@ class GenerationEvaluator:
 
         g, e = self.generator, self.e
         rng = np.random.default_rng(e.seed)
-        fake, logits = fid.FeatureStats(), []
-        place = lambda a: jax.device_put(a, sharding.batch_sharding(self.mesh, a.ndim))  # noqa: E731
+        fake, logits = (fid.FeatureStats(), fid.FeatureStats(fid.SPATIAL_DIM), []), []
         for start in range(0, e.num_samples, e.batch_size):
             n = min(e.batch_size, e.num_samples - start)
             labels = rng.integers(0, g.num_classes, e.batch_size).astype(np.int32)
             noise = rng.standard_normal((e.batch_size, *g.latent_shape)).astype(np.float32)
-            images = g.images(params, place(noise), place(labels))
+            images = g.images(params, self._place(noise), self._place(labels))
             truncated = jnp.floor(255 * images) / 255  # as the release writes its samples: truncated uint8
-            moments, lg = self._stats(truncated, place(np.arange(e.batch_size) < n))
-            fake.update(jax.device_get(moments))
+            valid = self._place(np.arange(e.batch_size) < n)
+            moments, spatial, lg, feats = self._stats(truncated, valid)
+            self._accumulate(moments, spatial, feats, valid, fake)
             logits.append(np.asarray(multihost_utils.process_allgather(lg, tiled=True))[:n])
-        mu, sigma = self.reference()
-        return {"fid": fid.frechet_distance(fake.mu(), fake.sigma(), mu, sigma),
-                "is": inception_score(np.concatenate(logits))}
+        ref = self.reference()
+        out = {"fid": fid.frechet_distance(fake[0].mu(), fake[0].sigma(), ref["mu"], ref["sigma"]),
+               "is": inception_score(np.concatenate(logits))}
+        if e.sfid:
+            out["sfid"] = fid.frechet_distance(fake[1].mu(), fake[1].sigma(), ref["mu_s"], ref["sigma_s"])
+        if e.precision_recall:
+            out["precision"], out["recall"] = fid.precision_recall(ref["features"], np.concatenate(fake[2]),
+                                                                   k=e.nearest_k)
+        return out
+
+
+def _valid_rows(feats, valid) -> np.ndarray:
+    """The rows of a batch-sharded array where `valid`, gathered to every process."""
+    from jax.experimental import multihost_utils
+
+    feats, valid = multihost_utils.process_allgather((feats, valid), tiled=True)
+    return np.asarray(feats)[np.asarray(valid)]
 
 
 def _quantize(x, how):
@@ -174,8 +248,9 @@ class ClassConditionalEvaluator:
 
 class FlowLossEvaluator:
     """The DiT's rectified-flow loss on held-out latents (`latents`: a folder from
-    the `extract_latents` job on a validation split), with fixed noise and logit-normal t per
-    record, so every run and every checkpoint is scored on the same draws."""
+    the `extract_latents` job on a validation split, or official latent shards), with fixed
+    noise and logit-normal t per record, so every run and every checkpoint is scored on the same
+    draws."""
 
     @staticmethod
     def defaults():
@@ -190,18 +265,14 @@ class FlowLossEvaluator:
         if not e.latents:
             raise ValueError("flow_loss.latents is empty: give a folder of held-out latents (extract_latents)")
         self.generator, self.mesh, self.e = generator, mesh, e
-        meta = latents_lib.read_meta(e.latents)
-        import grain
-
-        source = grain.sources.ArrayRecordDataSource(latents_lib.shard_paths(e.latents))
-        self.z = np.stack([latents_lib.decode_record(source[i], meta["shape"], meta["dtype"])["latent"]
-                           for i in range(len(source))])
-        self.y = np.stack([latents_lib.decode_record(source[i], meta["shape"], meta["dtype"])["label"]
-                           for i in range(len(source))])
+        source = latents_lib.latent_source(e.latents)  # ours or official shards
+        records = [source[i] for i in range(len(source))]
+        self.z = np.stack([r["latent"] for r in records])
+        self.y = np.stack([r["label"] for r in records])
         model, channels = generator.model, generator.model.in_channels
 
         def losses(params, z, y, x0, t):
-            x1 = (z - generator.mean) / generator.std * generator.multiplier
+            x1 = latents_lib.normalize(z, generator.mean, generator.std, generator.multiplier)
             v = model.apply({"params": params}, objectives.interpolate(x0, x1, t), t, y)[..., :channels]
             return objectives.flow_loss(v, x0, x1)
 

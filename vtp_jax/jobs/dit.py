@@ -62,7 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.dit.batch_size = 1024  # global (LightningDiT: 1024)
     c.dit.ema_decay = 0.9999  # the EMA pytree, updated every step; sampled and evaluated
     c.dit.t_mu, c.dit.t_sigma = -0.75, 1.0  # logit-normal t (VTP-L; S / B: -0.5, 1.25)
-    c.dit.latents = ""  # folder of extract_latents (shards, stats.npz, meta.json); '' = extract `latents` first
+    c.dit.latents = ""  # extract_latents' folder, or official *.safetensors shards; '' = extract `latents` first
+    c.dit.latent_stats = ""  # '' = those of dit.latents; else a file / folder (the release's latents_stats.pt)
     c.dit.latent_multiplier = 1.0  # (z - mean) / std * multiplier
     c.dit.tokenizer = ""  # decodes samples; '' = the tokenizer the latents were extracted with
     c.dit.sample = ml_collections.ConfigDict()
@@ -71,6 +72,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.dit.sample.method = "euler"  # 'euler' | 'heun' | 'dopri5'
     c.dit.sample.cfg_scale = 1.0  # VTP's headline numbers use no guidance
     c.dit.sample.cfg_interval_start = 0.0
+    # None = guide all channels; 3 = the official forward_with_cfg (first 3 channels, the rest conditional)
+    c.dit.sample.cfg_channels = ml_collections.FieldReference(None, field_type=int)
     c.dit.sample.every = 5_000  # steps between sample grids (W/samples/<step>.png and TensorBoard)
     c.dit.sample.classes = 8  # grid rows: this many classes ...
     c.dit.sample.per_class = 8  # ... times this many samples
@@ -88,21 +91,30 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
     if c.batch_size % n_batch_shards or c.batch_size % n_processes:
         errs.append(f"dit.batch_size={c.batch_size} is not divisible by the {n_batch_shards} batch shards of the "
                     f"mesh and the {n_processes} processes")
+    official = bool(c.latents) and latents_lib.is_official(c.latents)
     if not c.latents:
         if not config.latents.tokenizer:
             errs.append("dit.latents is empty and so is latents.tokenizer: give extracted latents "
                         "(--config.dit.latents=DIR) or a tokenizer to extract them with (--config.latents.tokenizer=DIR)")
         else:
             errs += extract_latents.validate(config, n_batch_shards, n_processes)
-    if c.latents and not os.path.isfile(os.path.join(c.latents, "meta.json")):
-        errs.append(f"dit.latents={c.latents}: no meta.json there (not a finished latent extraction)")
+    elif not official and not os.path.isfile(os.path.join(c.latents, "meta.json")):
+        errs.append(f"dit.latents={c.latents}: neither a finished latent extraction (meta.json) nor official latent "
+                    "shards (*.safetensors)")
+    if official and not c.tokenizer:
+        errs.append(f"dit.latents={c.latents} holds official latent shards, which do not name their tokenizer: "
+                    "set dit.tokenizer (decodes the samples)")
+    if c.latent_stats and not os.path.exists(c.latent_stats):
+        errs.append(f"dit.latent_stats={c.latent_stats} does not exist")
+    if c.sample.cfg_channels is not None and c.sample.cfg_channels < 1:
+        errs.append(f"dit.sample.cfg_channels={c.sample.cfg_channels}: None (all channels) or >= 1 (3: official)")
     return errs
 
 
 def model_from(config: ml_collections.ConfigDict, meta: dict) -> dit_lib.LightningDiT:
     c = config.dit
     depth, width, heads = dit_lib.DIT_SIZES[c.size]
-    h, _, channels = meta["shape"]
+    h, _, channels = meta["shape"]  # the grid comes from the latents (16 x 16 at 256 px, 32 x 32 at 512 px)
     return dit_lib.LightningDiT(
         input_size=h, patch_size=c.patch_size, in_channels=channels, hidden_size=width, depth=depth,
         num_heads=heads, mlp_ratio=c.mlp_ratio, num_classes=meta["num_classes"],
@@ -117,19 +129,20 @@ class Generator:
     evaluator share it. `images(dit_params, noise, labels)` is jitted once per batch shape."""
 
     def __init__(self, model: dit_lib.LightningDiT, sample: ml_collections.ConfigDict, mean, std, multiplier: float,
-                 tokenizer_model, tokenizer_params):
-        self.model, self.num_classes = model, model.num_classes
-        self.latent_shape = (model.input_size, model.input_size, model.in_channels)
+                 tokenizer_model, tokenizer_params, latent_shape=None):
+        self.model, self.num_classes, self.sample = model, model.num_classes, sample
+        self.latent_shape = tuple(latent_shape or (model.input_size, model.input_size, model.in_channels))
         self.mean, self.std, self.multiplier = mean, std, multiplier  # the latent normalization
-        self.tokenizer_params = tokenizer_params
+        self.tokenizer_model, self.tokenizer_params = tokenizer_model, tokenizer_params
         channels = model.in_channels
 
         def generate(dit_params, tok_params, noise, labels):
             v = lambda x, t, y: model.apply({"params": dit_params}, x, t, y)[..., :channels]  # noqa: E731
             field = lambda x, t: sampling.guided_velocity(  # noqa: E731
-                v, x, t, labels, model.num_classes, sample.cfg_scale, sample.cfg_interval_start)
+                v, x, t, labels, model.num_classes, sample.cfg_scale, sample.cfg_interval_start,
+                sample.get("cfg_channels"))
             z = sampling.ode_sample(field, noise, sample.num_steps, sample.method, sample.shift)
-            z = z / multiplier * std + mean
+            z = latents_lib.denormalize(z, mean, std, multiplier)
             pixels = tokenizer_model.apply({"params": tok_params}, z, method=VTP.decode)
             return jnp.clip(images.denormalize(pixels), 0.0, 1.0)
 
@@ -138,12 +151,22 @@ class Generator:
     def images(self, dit_params, noise, labels):
         return self._images(dit_params, self.tokenizer_params, noise, labels)
 
+    def with_sample(self, **overrides) -> "Generator":
+        """The same generator with some dit.sample fields replaced (an evaluator's own guidance)."""
+        sample = self.sample.copy_and_resolve_references()
+        for k, v in overrides.items():
+            sample[k] = v
+        return Generator(self.model, sample, self.mean, self.std, self.multiplier, self.tokenizer_model,
+                         self.tokenizer_params, self.latent_shape)
+
 
 def load_generator_parts(config, meta, mesh):
     """(latent mean, std, tokenizer module, replicated tokenizer params) for decoding samples."""
-    folder = config.dit.latents
-    mean, std = latents_lib.load_stats(folder)
-    field = "dit.tokenizer" if config.dit.tokenizer else f"the tokenizer of {folder}/meta.json (or dit.tokenizer)"
+    mean, std = latents_lib.latent_stats(config.dit.latents, config.dit.latent_stats, seed=config.seed)
+    if mean.shape != (meta["shape"][-1],):
+        raise runner.ConfigError(f"the latent statistics ({config.dit.latent_stats or config.dit.latents}) have "
+                                 f"{mean.size} channels, the latents {meta['shape'][-1]}")
+    field = "dit.tokenizer" if config.dit.tokenizer else f"the tokenizer of {config.dit.latents}/meta.json (or dit.tokenizer)"
     tok_cfg, tok_params = tokenizers.load_tokenizer(config.dit.tokenizer or meta["tokenizer"], field=field)
     replicated = sharding.replicated(mesh)
     decoder = {"pixel_decoder": tok_params["pixel_decoder"]}  # all that decoding reads
@@ -162,7 +185,7 @@ def make_train_step(config, model: dit_lib.LightningDiT, tx):
         b = batch["label"].shape[0]
         flip = jax.random.bernoulli(r_flip, 0.5, (b, 1, 1, 1))
         z = jnp.where(flip, batch["latent_flip"], batch["latent"])
-        x1 = (z - mean) / std * c.latent_multiplier
+        x1 = latents_lib.normalize(z, mean, std, c.latent_multiplier)
         t = objectives.sample_logit_normal_t(r_t, (b,), c.t_mu, c.t_sigma)
         x0 = jax.random.normal(r_noise, x1.shape, x1.dtype)
 
@@ -199,7 +222,8 @@ def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None
     abstract = nn.meta.unbox(jax.eval_shape(lambda: _init_boxed(model, jax.random.key(0))))
     tx = optim.make_optimizer(config.optim, abstract, config.train.steps, depth=0)
     mean, std, tok_model, tok_params = load_generator_parts(config, meta, mesh)
-    generator = Generator(model, config.dit.sample, mean, std, config.dit.latent_multiplier, tok_model, tok_params)
+    generator = Generator(model, config.dit.sample, mean, std, config.dit.latent_multiplier, tok_model, tok_params,
+                          latent_shape=meta["shape"])
 
     def data():
         return latents_lib.make_train_iterator(config.dit.latents, batch_size=config.dit.batch_size,

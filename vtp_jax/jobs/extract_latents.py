@@ -72,6 +72,15 @@ def extract(config: ml_collections.ConfigDict, workdir: str, mesh) -> str:
     model_cfg, params = tokenizers.load_tokenizer(c.tokenizer, field="latents.tokenizer")
     model = VTP(model_cfg)
     dtype = np.dtype(c.dtype)
+    given = None
+    if c.stats:  # checked before hours of encoding
+        try:
+            given = latents_lib.load_stats(c.stats)
+        except (OSError, ValueError) as e:
+            raise runner.ConfigError(f"latents.stats={c.stats}: {e}") from None
+        if given[0].shape != (model_cfg.latent_dim,):
+            raise runner.ConfigError(f"latents.stats={c.stats} has {given[0].size} channels, the tokenizer's latents "
+                                     f"{model_cfg.latent_dim}")
 
     @jax.jit
     def encode(params, images):
@@ -109,9 +118,13 @@ def extract(config: ml_collections.ConfigDict, workdir: str, mesh) -> str:
             logging.info("latents: part %d of %d written", k + 1, n_parts)
         multihost_utils.sync_global_devices("latents written")
         if pid == 0:
-            latents_lib.write_stats(workdir, shape, dtype, c.stats_samples, seed=config.seed)
+            if given is None:
+                latents_lib.write_stats(workdir, shape, dtype, c.stats_samples, seed=config.seed)
+            else:  # e.g. the release's latents_stats.pt: the DiT normalizes as the released one did
+                np.savez(os.path.join(workdir, latents_lib.STATS), mean=given[0], std=given[1])
             meta = dict(shape=list(shape), dtype=dtype.name, tokenizer=os.path.abspath(c.tokenizer),
-                        num_classes=_num_classes(d), image_size=d.image_size, records=latents_lib.count_records(workdir))
+                        num_classes=_num_classes(d), image_size=d.image_size, records=latents_lib.count_records(workdir),
+                        stats=os.path.abspath(c.stats) if c.stats else "")
             with open(os.path.join(workdir, latents_lib.META), "w") as f:
                 json.dump(meta, f, indent=1)
         multihost_utils.sync_global_devices("latents stats written")

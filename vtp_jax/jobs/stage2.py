@@ -53,7 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
     """The data pipeline's reconstruction view, the decoder's optimizer and the GAN recipe (taming /
     LDM; the paper gives no settings). The tokenizer comes from train.init_from."""
     c = config_lib.base_config("stage2")
-    c.data = pipeline.data_config()
+    c.data = config_lib.data_config()
     c.optim = config_lib.optim_config()
     s = c.stage2 = ml_collections.ConfigDict()
     # Generator: L1 + LPIPS (on [-1, 1] pixels) + adaptive weight x disc_weight x GAN term.

@@ -124,8 +124,10 @@ class LightningDiT(nn.Module):
     """Velocity model v(x_t, t, y): (B, H, W, C) latents, (B,) times, (B,) int labels ->
     (B, H, W, C) (2C with learn_sigma, velocity first). Label `num_classes` is the null class.
 
-    The official model takes square inputs of exactly input_size; so does this one (its RoPE
-    and sin-cos tables are those of the input_size / patch_size grid).
+    The grid comes from the latents: 16 x 16 for 256 px images, 32 x 32 for 512 px (f16 tokenizers).
+    No parameter depends on it (the sin-cos and RoPE tables are computed for the input's grid), so
+    `input_size` only sets the shape `init` traces and the official checkpoint's buffers; the
+    official model is fixed to it, this one takes any H x W multiple of patch_size.
     """
 
     input_size: int = 16
@@ -151,19 +153,17 @@ class LightningDiT(nn.Module):
         `force_drop_ids` (B,) drops exactly where it is 1, in or out of training (as the official)."""
         b, height, width, channels = x.shape
         p, d = self.patch_size, self.hidden_size
-        if (height, width, channels) != (self.input_size, self.input_size, self.in_channels):
-            raise ValueError(f"LightningDiT takes (B, {self.input_size}, {self.input_size}, {self.in_channels}) "
-                             f"latents, got {x.shape}")
-        if self.input_size % p:
-            raise ValueError(f"input_size {self.input_size} is not a multiple of patch_size {p}")
-        n = self.input_size // p
+        if channels != self.in_channels or height % p or width % p:
+            raise ValueError(f"LightningDiT takes (B, H, W, {self.in_channels}) latents with H and W multiples of "
+                             f"patch_size {p}, got {x.shape}")
+        gh, gw = height // p, width // p
         x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, param_dtype=jnp.float32,
                     # the official initializes the conv as a Linear over its flattened (p, p, C) inputs
                     kernel_init=param_with_axes(nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1),
                                                 (None, None, None, "embed")),
                     bias_init=param_with_axes(nn.initializers.zeros, ("embed",)),
                     name="x_embedder")(x.astype(self.dtype))
-        x = x.reshape(b, n * n, d) + jnp.asarray(sincos_pos_embed(n, n, d), self.dtype)
+        x = x.reshape(b, gh * gw, d) + jnp.asarray(sincos_pos_embed(gh, gw, d), self.dtype)
 
         labels = jnp.asarray(y, jnp.int32)
         if train and self.class_dropout_prob > 0 and force_drop_ids is None:
@@ -176,7 +176,7 @@ class LightningDiT(nn.Module):
                          name="y_embedder")(labels)
         c = TimestepEmbedder(d, self.dtype, name="t_embedder")(t) + y_emb
 
-        rope = interleaved_rope_tables(n, n, d // self.num_heads) if self.use_rope else None
+        rope = interleaved_rope_tables(gh, gw, d // self.num_heads) if self.use_rope else None
         block = _block_class(self.remat)
         hidden = swiglu_hidden(d, self.mlp_ratio)
 
@@ -185,7 +185,8 @@ class LightningDiT(nn.Module):
                          dtype=self.dtype, name=name)
 
         x, _ = apply_blocks(make, self.depth, x, c, rope, scan=self.scan_layers)
-        return FinalLayer(p, self.in_channels * (2 if self.learn_sigma else 1), self.dtype, name="final_layer")(x, c)
+        return FinalLayer(p, self.in_channels * (2 if self.learn_sigma else 1), self.dtype,
+                          name="final_layer")(x, c, (gh, gw))
 
 
 class FinalLayer(nn.Module):
@@ -196,15 +197,17 @@ class FinalLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, c):
+    def __call__(self, x, c, grid=None):
+        """`grid` (h, w) of the tokens; None: a square one."""
         b, tokens, width = x.shape
-        n, p = math.isqrt(tokens), self.patch_size
+        p = self.patch_size
+        gh, gw = grid if grid is not None else (math.isqrt(tokens),) * 2
         zeros = nn.initializers.zeros
         mod = _linear(2 * width, ("embed", "mlp"), zeros, self.dtype, "adaLN_modulation")(nn.silu(c))
         shift, scale = jnp.split(mod[:, None], 2, axis=-1)
         x = modulate(norm_layer("rmsnorm", NORM_EPS, "norm_final", self.dtype)(x), shift, scale)
         x = _linear(p * p * self.out_channels, ("embed", None), zeros, self.dtype, "linear")(x)
-        return einops.rearrange(x, "b (h w) (p q c) -> b (h p) (w q) c", h=n, p=p, q=p).astype(jnp.float32)
+        return einops.rearrange(x, "b (h w) (p q c) -> b (h p) (w q) c", h=gh, w=gw, p=p, q=p).astype(jnp.float32)
 
 
 def official_init(params, rng):

@@ -30,6 +30,10 @@ BN_EPS = 1e-3  # torchvision BasicConv2d; TF's batch-norm epsilon.
 NUM_CLASSES = 1008  # TF's Inception graph: 1000 ImageNet classes + 8 unused.
 FEATURE_DIM = 2048  # the final global average pool ("pool_3"), FID's features.
 INPUT_SIZE = 299
+# sFID's features (ADM's evaluator): TF's `mixed_6/conv`, the first 7 of its 192 channels on the
+# 17 x 17 grid at 299 px, flattened in (row, column, channel) order: 17 * 17 * 7 = 2023.
+SPATIAL_CHANNELS = 7
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
 
 # A frozen ~24M-parameter evaluation network: every parameter is replicated on every device.
 _KERNEL_AXES = (None, None, None, None)
@@ -117,7 +121,8 @@ class InceptionC(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, with_branch1x1: bool = False):
+        """With `with_branch1x1`, (output, the 1x1 branch's activations): sFID's tap in Mixed_6d."""
         conv = functools.partial(ConvBN, dtype=self.dtype)
         c = self.channels_7x7
         row, col = dict(kernel_size=(1, 7), padding=(0, 3)), dict(kernel_size=(7, 1), padding=(3, 0))
@@ -131,7 +136,8 @@ class InceptionC(nn.Module):
         bd = conv(c, **col, name="branch7x7dbl_4")(bd)
         bd = conv(192, **row, name="branch7x7dbl_5")(bd)
         bp = conv(192, (1, 1), name="branch_pool")(avg_pool_3x3(x))
-        return jnp.concatenate([b1, b7, bd, bp], axis=-1)
+        out = jnp.concatenate([b1, b7, bd, bp], axis=-1)
+        return (out, b1) if with_branch1x1 else out
 
 
 class InceptionD(nn.Module):
@@ -219,6 +225,24 @@ class FIDInceptionV3(nn.Module):
 
     def logits(self, x):
         return self.fc(self(x))
+
+    def pool_and_spatial(self, x):
+        """((B, 2048) pool features, (B, h, w, 192) sFID tap) from one pass.
+
+        The tap is ADM's `mixed_6/conv:0`. TF's graph numbers its Inception blocks mixed,
+        mixed_1, mixed_2 (35 x 35: Mixed_5b/c/d), mixed_3 (the reduction, Mixed_6a), mixed_4 ..
+        mixed_7 (17 x 17: Mixed_6b..e), so mixed_6 is Mixed_6d; its `conv` is the 1x1 branch, and
+        the tensor of that name is the op after the batch norm, the ReLU: here Mixed_6d.branch1x1's
+        ConvBN output (torchvision's BasicConv2d, whose weights pytorch-fid ported from that
+        node). The weights are the same; only TF's resize differs (see vtp_jax.evals.fid).
+        """
+        x = self.stem(x)
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c):
+            x = block(x)
+        x, spatial = self.Mixed_6d(x, with_branch1x1=True)
+        for block in (self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2)), spatial.astype(jnp.float32)
 
 
 @functools.lru_cache(maxsize=1)
