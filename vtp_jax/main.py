@@ -46,7 +46,7 @@ def main(argv):
     logging.info("process %d of %d, %d devices (%d local)", jax.process_index(), jax.process_count(),
                  jax.device_count(), jax.local_device_count())
     from vtp_jax.checkpoints.released import CheckpointError
-    from vtp_jax.train import runner
+    from vtp_jax.train import checkpointing, runner
 
     try:
         if FLAGS.config.job == "extract_latents":  # a data job: no training state, no steps
@@ -59,7 +59,8 @@ def main(argv):
             study.run(FLAGS.config, FLAGS.workdir)
         else:
             runner.run(FLAGS.config, FLAGS.workdir)
-    except (runner.ConfigError, CheckpointError, FileNotFoundError) as e:  # bad input: the message, no traceback
+    except (runner.ConfigError, CheckpointError, FileNotFoundError,  # bad input: the message, no traceback
+            checkpointing.RunError, FloatingPointError) as e:  # a locked workdir, unusable checkpoints, divergence
         logging.error("%s", e)
         sys.exit(f"error: {e}")
 

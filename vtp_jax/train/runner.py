@@ -30,7 +30,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from jax.extend import core as jax_core
 
 from vtp_jax import config as config_lib
-from vtp_jax.train import sharding
+from vtp_jax.train import checkpointing, config_checks, sharding
 
 JOBS = {"pretrain": "vtp_jax.train.pretrain", "stage2": "vtp_jax.train.stage2", "dit": "vtp_jax.train.dit",
         "eval": "vtp_jax.train.evaluate"}
@@ -115,6 +115,7 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
     from vtp_jax.evals import evaluator
 
     errs += evaluator.validate(config)
+    errs += config_checks.errors(config)
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
 
@@ -240,28 +241,16 @@ class Preemption:
         return self.requested or (jax.process_count() > 1 and manager.reached_preemption(step))
 
 
-def _save(manager, step, state, data_iter):
-    items = dict(state=ocp.args.StandardSave(state))
-    if data_iter is not None:
-        from vtp_jax.data import pipeline
-
-        items["data"] = pipeline.checkpoint_save_args(data_iter)
-    manager.save(step, args=ocp.args.Composite(**items))
-
-
-def _restore(manager, step, abstract_state, data_iter):
-    items = dict(state=ocp.args.StandardRestore(abstract_state))
-    if data_iter is not None:
-        from vtp_jax.data import pipeline
-
-        items["data"] = pipeline.checkpoint_restore_args(data_iter)
-    return manager.restore(step, args=ocp.args.Composite(**items))["state"]
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the job until config.train.steps; returns the last logged metrics (host floats) and
-    the last evaluation's results."""
+    the last evaluation's results. The workdir is locked for the run (W/LOCK): a second run on it
+    refuses to start."""
     workdir = os.path.abspath(workdir)
+    with checkpointing.WorkdirLock(workdir) as lock:
+        return _run(config, workdir, lock)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, lock: checkpointing.WorkdirLock) -> dict:
     mesh = sharding.make_mesh(config.train.mesh)
     validate(config, sharding.batch_size_of(mesh), jax.process_count())
     module = job_module(config)
@@ -274,17 +263,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rng = jax.random.key(config.seed)
     with scope(tr):
         data_iter = job.data() if job.data is not None and steps else None
-        manager = ocp.CheckpointManager(
-            os.path.join(workdir, "checkpoints"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints, enable_async_checkpointing=True,
-                                                 create=True))
-        latest = manager.latest_step() if steps else None
-        if latest is not None:
+        manager = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), t.keep_checkpoints, lock=lock,
+                                            guard=checkpointing.DivergenceGuard(t.divergence_factor))
+        latest = None
+        if job.step is not None and manager.all_steps():  # the newest step that verifies (falls back)
             abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                           jax.eval_shape(tr.init, rng), tr.shardings)
-            state = _restore(manager, latest, abstract_state, data_iter)
-            logging.info("restored step %d from %s", latest, manager.directory)
-        else:
+            latest, state = manager.restore(abstract_state, data_iter, config, os.path.join(workdir, "config.json"))
+            logging.info("restored step %s from %s", latest, manager.directory)
+        if job.step is not None and (latest if latest is not None else 0) >= steps:
+            logging.warning("nothing to do: the workdir is at step %d and train.steps=%d; checkpoints and export/ "
+                            "left untouched", latest or 0, steps)
+            return {}
+        if latest is None:
             state = tr.init(rng)
             if job.start is not None:
                 state = job.start(state)
@@ -335,6 +326,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 logging.info("train step: %.3g matmul FLOPs per step, peak %.3g FLOP/s", flops, peak)
                 last_t = time.perf_counter()
             state, metrics = compiled(state, batch, job.consts)
+            manager.observe(metrics)
             done = step + 1
             for h in hooks:
                 h(done)
@@ -352,16 +344,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if metrics.get("nonfinite_in_a_row", 0) >= t.max_nonfinite:
                     raise FloatingPointError(
                         f"{int(metrics['nonfinite_in_a_row'])} non-finite steps in a row at step {done} (limit "
-                        f"train.max_nonfinite={t.max_nonfinite}); last finite checkpoint: {manager.latest_step()}")
+                        f"train.max_nonfinite={t.max_nonfinite}); newest (healthy) checkpoint: {manager.latest_step()}")
             results.update(evaluate(done) if done < steps else {})
             if preempt.reached(done, manager):
-                _save(manager, done, state, data_iter)
+                saved = manager.save(done, state, data_iter)
                 manager.wait_until_finished()
-                logging.warning("preempted: checkpoint at step %d saved, exiting", done)
+                logging.warning("preempted: checkpoint at step %d %s, exiting", done, "saved" if saved else "not saved")
                 writer.flush()
                 raise SystemExit(0)
             if done % t.checkpoint_every == 0 or done == steps:
-                _save(manager, done, state, data_iter)
+                manager.save(done, state, data_iter, final=done == steps)
         manager.wait_until_finished()
         results.update(evaluate(steps))
         if results:
