@@ -65,7 +65,8 @@ def _jitted(model: VTP, method: str, layers: tuple):
     return jax.jit(fn)
 
 
-def load_pretrained(folder: str) -> Pretrained:
-    """A released VTP folder (config.json + model.safetensors, float32 or bfloat16)."""
-    config, params = released.load_release(folder)
+def load_pretrained(folder: str, allow_nonfinite: bool = False) -> Pretrained:
+    """A released VTP folder (config.json + model.safetensors, float32 or bfloat16). Weights with
+    NaN or inf raise a CheckpointError naming them unless `allow_nonfinite`."""
+    config, params = released.load_release(folder, allow_nonfinite=allow_nonfinite)
     return Pretrained(config, jax.device_put(params))

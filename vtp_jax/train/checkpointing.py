@@ -277,6 +277,20 @@ def verify(state, stored: dict) -> str | None:
     return f"checksum mismatch in {len(bad)} of {len(want)} arrays ({', '.join(bad[:3])}{more})"
 
 
+def verify_step(step_dir, state) -> str | None:
+    """`verify` against the integrity item saved in a step folder (W/checkpoints/<step>), for
+    readers outside the runner (the eval job, stage 2's init_from); None too for a step saved
+    before checksums existed."""
+    path = epath.Path(step_dir) / INTEGRITY / "metadata"
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return f"its checksums cannot be read ({_first_line(e)})"
+    return verify(state, stored)
+
+
 # ------------------------------------------------------------------------------------------------
 # What a checkpoint that does not fit the config differs in.
 # ------------------------------------------------------------------------------------------------

@@ -83,7 +83,16 @@ def load_workdir(workdir: str):
     tree = getattr(tree, "tree", tree)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-    params = ocp.StandardCheckpointer().restore(path, target)["params"]
+    state = ocp.StandardCheckpointer().restore(path, target)
+    from vtp_jax.checkpoints import released
+    from vtp_jax.train import checkpointing
+
+    problem = checkpointing.verify_step(os.path.dirname(path), state)
+    if problem:
+        raise released.CheckpointError(f"{workdir}/checkpoints step {step}: {problem}")
+    params = state["params"]
+    released.check_finite({"/".join(k): v for k, v in released._flatten(params).items()}, f"{path} (params)",
+                          "a diverged run? restore an earlier step")
     logging.info("evaluating step %d of %s", step, workdir)
     return model_cfg, jax.tree.map(np.asarray, params)
 
