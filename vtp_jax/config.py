@@ -176,12 +176,14 @@ def train_config() -> ml_collections.ConfigDict:
     c.images_every = 1000  # reconstructions written to TensorBoard and the workdir.
     c.max_nonfinite = 10  # abort after this many non-finite steps in a row (checked when logging).
     # The divergence guard: a checkpoint is written only when the steps since the previous one were
-    # healthy: no update skipped as non-finite, every loss finite and |loss| <= divergence_factor x
+    # healthy: no update skipped as non-finite, every loss finite, |loss| <= divergence_factor x
     # the median |loss| of the last 100 steps of earlier healthy stretches (a run's first stretch:
-    # x its first loss). An unhealthy stretch gets no checkpoint (a warning says so), so the newest
-    # checkpoint is always a healthy one to resume from and rotation never removes it; a later
-    # healthy stretch (a recovered spike) is saved again. A run whose last stretch is unhealthy
-    # exits with an error and no export. 0 turns the loss band off (the non-finite rule stays).
+    # x its first loss), and the largest parameter magnitude <= divergence_factor x that of the
+    # last healthy state (a step's loss predates its update: this covers the last update). An
+    # unhealthy stretch gets no checkpoint (a warning says so), so the newest checkpoint is always
+    # a healthy one to resume from and rotation never removes it; a later healthy stretch (a
+    # recovered spike) is saved again. A run whose last stretch is unhealthy exits with an error
+    # and writes no export. 0 turns both bands off (the non-finite rules stay).
     c.divergence_factor = 10.0
     c.profile_steps = 0  # > 0: a profile of this many steps after warm-up (clu Profile).
     c.init_from = ""  # a release-format folder (or, for stage 2, a stage-1 workdir) to start from.

@@ -365,23 +365,43 @@ def _listing(items: list[str], n: int = 6) -> str:
 # ------------------------------------------------------------------------------------------------
 # The divergence guard.
 # ------------------------------------------------------------------------------------------------
+_max_abs = jax.jit(lambda leaves: jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in leaves])))
+
+
+def parameter_scale(state) -> float:
+    """The largest |value| over the state's floating-point arrays outside optimizer states (whose
+    path holds 'opt_state'): parameters, EMA / teacher copies, centers. NaN if any is NaN."""
+    leaves = [x for name, x in zip(leaf_names(state), jax.tree.leaves(state))
+              if "opt_state" not in name and jnp.issubdtype(x.dtype, jnp.floating) and x.size]
+    return float(np.asarray(_max_abs(leaves).addressable_data(0))) if leaves else 0.0
+
+
 class DivergenceGuard:
-    """Whether the steps since the last checkpoint (a 'stretch') were healthy: no update skipped
-    as non-finite, every loss finite and, with `factor` > 0, |loss| <= factor x the median |loss|
-    of the last HISTORY steps of earlier healthy stretches (the first stretch of a run without
-    history: x its first loss). A stretch that is not healthy gets no checkpoint; a later one
-    that is (a recovered spike) does. The history travels with each checkpoint."""
+    """Whether the state at a checkpoint step comes from a healthy stretch (the steps since the
+    last checkpoint): no update skipped as non-finite, every loss finite, and with `factor` > 0
+    |loss| <= factor x the median |loss| of the last HISTORY steps of earlier healthy stretches
+    (a run's first stretch: x its first loss) and the largest parameter magnitude <= factor x
+    that of the last healthy state (the one the run started from, or the last checkpoint). The
+    loss of step N is computed before step N's update; the magnitude check covers that update.
+    An unhealthy stretch gets no checkpoint; a later healthy one (a recovered spike) does. The
+    loss history travels with each checkpoint."""
 
     def __init__(self, factor: float):
         self.factor = factor
         self.history: list[float] = []
+        self.scale: float | None = None  # parameter_scale of the last healthy state
         self._pending: list = []  # (loss, nonfinite_in_a_row) device scalars: no sync per step
+
+    def begin(self, state) -> None:
+        """The state the run starts from (restored or initialised) is the healthy reference."""
+        self.scale = parameter_scale(state)
 
     def observe(self, metrics: dict) -> None:
         self._pending.append((metrics.get("loss"), metrics.get("nonfinite_in_a_row")))
 
-    def check(self) -> tuple[bool, str]:
-        """(healthy?, why not) for the stretch observed since the last check, which it ends."""
+    def check(self, state=None) -> tuple[bool, str]:
+        """(healthy?, why not) for the stretch observed since the last check, which it ends;
+        `state`: the state about to be saved."""
         pending, self._pending = jax.device_get(self._pending), []
         losses = [float(loss) for loss, _ in pending if loss is not None]
         skipped = sum(int(n) > 0 for _, n in pending if n is not None)
@@ -395,7 +415,14 @@ class DivergenceGuard:
             if ref > 0 and worst > self.factor * ref:
                 return False, (f"loss {worst:.4g} since the last checkpoint is over train.divergence_factor="
                                f"{self.factor:g} x {ref:.4g} (median of the recent healthy losses)")
+        scale = parameter_scale(state) if state is not None else None
+        if scale is not None and not np.isfinite(scale):
+            return False, "non-finite parameters"
+        if self.factor and scale is not None and self.scale and scale > self.factor * self.scale:
+            return False, (f"largest parameter magnitude {scale:.4g} is over train.divergence_factor={self.factor:g} "
+                           f"x {self.scale:.4g} (that of the last healthy state)")
         self.history = (self.history + losses)[-HISTORY:]
+        self.scale = scale if scale is not None else self.scale
         return True, ""
 
 
@@ -427,6 +454,10 @@ class Checkpoints:
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
 
+    def begin(self, state) -> None:
+        """The state the run starts from, the divergence guard's healthy reference."""
+        self.guard.begin(state)
+
     def observe(self, metrics: dict) -> None:
         """Every step's metrics, for the divergence guard."""
         self.guard.observe(metrics)
@@ -436,7 +467,7 @@ class Checkpoints:
         """Saves `step` if the stretch that led to it is healthy; False (and a warning) if not.
         `final`: the run's last step, where an unhealthy stretch raises Diverged instead, so
         that no export of diverged parameters follows."""
-        ok, why = self.guard.check()
+        ok, why = self.guard.check(state)
         if not ok:
             last = self.manager.latest_step()
             if final:

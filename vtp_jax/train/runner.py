@@ -279,6 +279,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, lock: checkpointing.Wo
             state = tr.init(rng)
             if job.start is not None:
                 state = job.start(state)
+        if job.step is not None:
+            manager.begin(state)
 
         writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
         if jax.process_index() == 0:  # what the eval job and the study read back
