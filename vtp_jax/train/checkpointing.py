@@ -368,11 +368,9 @@ def _listing(items: list[str], n: int = 6) -> str:
 _max_abs = jax.jit(lambda leaves: jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in leaves])))
 
 
-def parameter_scale(state) -> float:
-    """The largest |value| over the state's floating-point arrays outside optimizer states (whose
-    path holds 'opt_state'): parameters, EMA / teacher copies, centers. NaN if any is NaN."""
-    leaves = [x for name, x in zip(leaf_names(state), jax.tree.leaves(state))
-              if "opt_state" not in name and jnp.issubdtype(x.dtype, jnp.floating) and x.size]
+def parameter_scale(params) -> float:
+    """The largest |value| over the floating-point arrays of `params`; NaN if any is NaN."""
+    leaves = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating) and x.size]
     return float(np.asarray(_max_abs(leaves).addressable_data(0))) if leaves else 0.0
 
 
@@ -380,21 +378,23 @@ class DivergenceGuard:
     """Whether the state at a checkpoint step comes from a healthy stretch (the steps since the
     last checkpoint): no update skipped as non-finite, every loss finite, and with `factor` > 0
     |loss| <= factor x the median |loss| of the last HISTORY steps of earlier healthy stretches
-    (a run's first stretch: x its first loss) and the largest parameter magnitude <= factor x
-    that of the last healthy state (the one the run started from, or the last checkpoint). The
-    loss of step N is computed before step N's update; the magnitude check covers that update.
+    (a run's first stretch: x its first loss) and the largest parameter magnitude (of
+    `params_of(state)`, the job's parameters) <= factor x that of the last healthy state (the one
+    the run started from, or the last checkpoint). The loss of step N is computed before step N's
+    update; the magnitude check covers that update.
     An unhealthy stretch gets no checkpoint; a later healthy one (a recovered spike) does. The
     loss history travels with each checkpoint."""
 
-    def __init__(self, factor: float):
+    def __init__(self, factor: float, params_of=lambda state: state):
         self.factor = factor
+        self.params_of = params_of
         self.history: list[float] = []
         self.scale: float | None = None  # parameter_scale of the last healthy state
         self._pending: list = []  # (loss, nonfinite_in_a_row) device scalars: no sync per step
 
     def begin(self, state) -> None:
         """The state the run starts from (restored or initialised) is the healthy reference."""
-        self.scale = parameter_scale(state)
+        self.scale = parameter_scale(self.params_of(state))
 
     def observe(self, metrics: dict) -> None:
         self._pending.append((metrics.get("loss"), metrics.get("nonfinite_in_a_row")))
@@ -415,7 +415,7 @@ class DivergenceGuard:
             if ref > 0 and worst > self.factor * ref:
                 return False, (f"loss {worst:.4g} since the last checkpoint is over train.divergence_factor="
                                f"{self.factor:g} x {ref:.4g} (median of the recent healthy losses)")
-        scale = parameter_scale(state) if state is not None else None
+        scale = parameter_scale(self.params_of(state)) if state is not None else None
         if scale is not None and not np.isfinite(scale):
             return False, "non-finite parameters"
         if self.factor and scale is not None and self.scale and scale > self.factor * self.scale:
@@ -429,6 +429,15 @@ class DivergenceGuard:
 # ------------------------------------------------------------------------------------------------
 # Verified checkpoints.
 # ------------------------------------------------------------------------------------------------
+def _everywhere(ok: bool) -> bool:
+    """Whether `ok` holds on every process (all processes call this at the same point)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 class Checkpoints:
     """W/checkpoints: orbax steps holding the state, the data iterator's position and the
     `integrity` item; saves go through the divergence guard and the workdir lock."""
@@ -502,6 +511,8 @@ class Checkpoints:
         checked = [s for s in steps if self._has_integrity(s)]
         for step in steps:
             problem, out = self._restore_step(step, abstract_state, data_iter, config, saved_config, checked)
+            if not _everywhere(problem is None) and problem is None:  # each process reads its own shards
+                problem = "unusable on another process (see its log)"
             if problem is None:
                 self._quarantine([s for s, _ in failures])
                 if INTEGRITY in out:

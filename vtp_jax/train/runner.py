@@ -264,7 +264,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, lock: checkpointing.Wo
     with scope(tr):
         data_iter = job.data() if job.data is not None and steps else None
         manager = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), t.keep_checkpoints, lock=lock,
-                                            guard=checkpointing.DivergenceGuard(t.divergence_factor))
+                                            guard=checkpointing.DivergenceGuard(t.divergence_factor, job.eval_params))
         latest = None
         if job.step is not None and manager.all_steps():  # the newest step that verifies (falls back)
             abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
