@@ -35,7 +35,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             if not 0 < n < 100 << 20:
                 raise CheckpointError(f"{path}: not a safetensors file (header length {n})")
             header = json.loads(f.read(n))
-        data = np.memmap(path, np.uint8, mode="r", offset=8 + n) if os.path.getsize(path) > 8 + n else np.zeros(0, np.uint8)
+        empty = os.path.getsize(path) <= 8 + n  # np.memmap cannot map 0 bytes
+        data = np.zeros(0, np.uint8) if empty else np.memmap(path, np.uint8, mode="r", offset=8 + n)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read safetensors header: {e}") from e
     if not isinstance(header, dict):
@@ -396,9 +397,9 @@ def convert(tensors: dict[str, np.ndarray], c: ml_collections.ConfigDict):
         if got.shape != want.shape:  # the head dim (width / heads) the weights were made with differs
             tower, part = ("vision", c) if k.startswith("trunk") else ("decoder", c.decoder)
             made = f"head dim {4 * got.size}" if got.ndim == 1 else "another head dim"
-            problems.append(f"{k}: shape {got.shape}, expected {want.shape} for head dim {part.width // part.num_heads} "
-                            f"({tower}_embed_dim={part.width} / {tower}_num_heads={part.num_heads}): the weights were "
-                            f"made with {made}; check {tower}_num_heads")
+            problems.append(f"{k}: shape {got.shape}, expected {want.shape} for head dim "
+                            f"{part.width // part.num_heads} ({tower}_embed_dim={part.width} / {tower}_num_heads="
+                            f"{part.num_heads}): the weights were made with {made}; check {tower}_num_heads")
         elif not np.allclose(got, want, rtol=1e-2):
             problems.append(f"{k}: RoPE periods {got.ravel()[:4]}... differ from the "
                             f"configured rope_base={c.rope_base} ({want[:4]}...)")

@@ -25,7 +25,6 @@ import socket
 import sys
 import time
 import uuid
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +37,8 @@ LOCK_NAME = "LOCK"
 INTEGRITY = "integrity"  # the orbax item holding checksums and the guard's loss history
 QUARANTINE = "bad_checkpoints"  # W/<this>/<step>: checkpoints that failed to restore or verify
 HISTORY = 100  # healthy losses the divergence guard measures a stretch against
+# Files orbax needs to read a state back; named when missing from a step that cannot be read.
+METADATA_FILES = ("state/_METADATA", "state/manifest.ocdbt")
 
 
 class RunError(RuntimeError):
@@ -351,11 +352,12 @@ def tree_differences(state_dir, abstract_state) -> list[str] | None:
 def _first_line(e: BaseException, limit: int = 240) -> str:
     """One line of an exception: orbax / TensorStore errors span dozens."""
     text = str(e).strip()
-    array = re.search(r"'path': '([^']+?)/?'", text)  # TensorStore names the array it failed on
+    # TensorStore's spec names the folder (an absolute path or URL), then the array it failed on.
+    arrays = [p for p in re.findall(r"'path': '([^']+?)/?'", text) if not p.startswith("/") and "://" not in p]
     line = text.splitlines()[0] if text else ""
     line = line.split(" See full TensorStore details")[0]
     line = f"{type(e).__name__}: {line[:limit]}{'...' if len(line) > limit else ''}"
-    return f"array {array.group(1)}: {line}" if array else line
+    return f"array {arrays[-1]}: {line}" if arrays else line
 
 
 def _listing(items: list[str], n: int = 6) -> str:
@@ -544,7 +546,9 @@ class Checkpoints:
             diffs = tree_differences(self.directory / str(step) / "state", abstract_state)
             if diffs:  # it reads, but holds another model: the config changed, not the files
                 raise CheckpointMismatch(self._mismatch(step, diffs, config, saved_config, e)) from None
-            return f"cannot be read ({_first_line(e)})", None
+            missing = [f for f in METADATA_FILES if not (self.directory / str(step) / f).exists()]
+            said = f"{', '.join(missing)} missing; " if missing else ""
+            return f"cannot be read ({said}{_first_line(e)})", None
         if not has_integrity:
             logging.warning("checkpoint step %d in %s has no checksums (written before they existed): restored "
                             "unverified", step, self.directory)
