@@ -202,7 +202,14 @@ class WorkdirLock:
         error = None
         if jax.process_index() == 0 and self.held:
             holder = _read_json(self.path)
-            if holder.get("token") != self.token:
+            if not holder and not self.path.exists():  # deleted by hand: nobody else holds it, take it again
+                self.held = False
+                try:
+                    self._acquire()
+                    logging.warning("%s had been deleted while this run held it: taken again", self.path)
+                except WorkdirLocked as e:
+                    error = str(e)
+            elif holder.get("token") != self.token:
                 self.held = False
                 error = (f"workdir lock {self.path} now names another run ({_describe(holder) if holder else 'none'}): "
                          "stopping without writing to the workdir")
