@@ -62,7 +62,7 @@ def _header_problem(info, n_bytes: int) -> str | None:
     """What is wrong with one tensor's header entry against a data section of n_bytes, if anything."""
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         return "has no dtype / shape / data_offsets in the header"
-    if info["dtype"] not in _ST_DTYPES:
+    if not isinstance(info["dtype"], str) or info["dtype"] not in _ST_DTYPES:
         return f"has unsupported dtype {info['dtype']!r} (supported: {', '.join(_ST_DTYPES)})"
     shape, offsets = info["shape"], info["data_offsets"]
     ints = lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0  # noqa: E731
@@ -87,7 +87,7 @@ def nonfinite_tensors(tensors: dict) -> list[str]:
     for name, a in tensors.items():
         a = np.asarray(a)
         if np.issubdtype(a.dtype, np.floating) or a.dtype == ml_dtypes.bfloat16:
-            a = a.astype(np.float32)
+            a = a.astype(np.float32, copy=False)
             bad = ~np.isfinite(a)
             if bad.any():
                 out.append(f"{name} ({int(np.isnan(a).sum())} NaN, {int(np.isinf(a).sum())} inf of {a.size})")
