@@ -8,8 +8,10 @@
 #   launch/tpu_pod.sh run --config=configs/vtp_l.py   # trains; logs stream back
 #   launch/tpu_pod.sh logs | stop | delete
 #
-# Each host runs `python -m vtp_jax.main --config=... --workdir=$WORKDIR`; jax.distributed is
-# initialised from the TPU metadata, checkpoints and TensorBoard logs go to $WORKDIR (GCS).
+# Each host runs `python -m vtp_jax.main --distributed --config=... --workdir=$WORKDIR`:
+# jax.distributed.initialize() with no arguments reads the slice from the TPU metadata (the
+# documented start on TPU VMs; orbax's multi-host saves and the preemption sync need it), and
+# every path, checkpoints and TensorBoard logs included, goes to $WORKDIR on GCS.
 set -euo pipefail
 : "${TPU_NAME:?}" "${ZONE:?}"
 cmd="${1:?usage: $0 create|setup|run|logs|stop|delete [flags]}"; shift || true
@@ -29,10 +31,10 @@ case "$cmd" in
     fi ;;
   setup)
     : "${REPO:?}"
-    ssh_all "git clone $REPO vtp-jax 2>/dev/null || git -C vtp-jax pull; cd vtp-jax && pip install -U 'jax[tpu]' -e . && pip install --no-deps open_clip_torch" ;;
+    ssh_all "git clone $REPO vtp-jax 2>/dev/null || git -C vtp-jax pull; cd vtp-jax && pip install -U 'jax[tpu]' -e '.[train,hub]'" ;;
   run)
     : "${WORKDIR:?}"
-    ssh_all "cd vtp-jax && nohup python -m vtp_jax.main --workdir=$WORKDIR $* > ~/vtp.log 2>&1 &"
+    ssh_all "cd vtp-jax && nohup python -m vtp_jax.main --distributed --workdir=$WORKDIR $* > ~/vtp.log 2>&1 &"
     "$0" logs ;;
   logs) "${gtpu[@]}" ssh "$TPU_NAME" --zone="$ZONE" ${PROJECT:+--project="$PROJECT"} --worker=0 --command="tail -f ~/vtp.log" ;;
   stop) ssh_all "pkill -TERM -f vtp_jax.main || true" ;;  # SIGTERM: checkpoint, then exit 0

@@ -54,5 +54,8 @@ def test_two_processes_match_one(tmp_path):
     params, losses = reference(config)
     logged = [float(x) for x in re.findall(r"\] .*?\bloss=([-\d.e+]+)", logs[0])]
     np.testing.assert_allclose(logged, losses, rtol=1e-4)  # the console writer prints 6 digits
+    # Process 0 held the workdir lock and released it; it wrote the checksums both processes agreed on.
+    assert not (workdir / "LOCK").exists()
+    assert (workdir / "checkpoints" / str(STEPS) / "integrity" / "metadata").is_file()
     restored = tiny.restore_params(workdir, STEPS)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), restored, params)

@@ -63,6 +63,7 @@ def test_kill9_and_sigterm_resume_bit_identical(tmp_path):
     code, out = finish(b)
     assert code == 0, out[-3000:]
     assert "preempted: checkpoint at step" in out
+    assert "taking over the stale lock of host" in out and f"pid {a.pid}," in out, "kill -9 leaves its lock behind"
     preempted_at = max(checkpoints(tmp_path / "a"))
     assert 4 <= preempted_at < STEPS
     code, out = finish(start(tmp_path / "a"))
@@ -72,7 +73,8 @@ def test_kill9_and_sigterm_resume_bit_identical(tmp_path):
     assert code == 0, out[-3000:]
     jax.tree.map(np.testing.assert_array_equal, params_at(tmp_path / "a", STEPS), params_at(tmp_path / "ref", STEPS))
 
-    # The workdir: TensorBoard events, reconstructions and a release-format export.
+    # The workdir: TensorBoard events, reconstructions and a release-format export; no lock left.
+    assert not (tmp_path / "ref" / "LOCK").exists() and not (tmp_path / "a" / "LOCK").exists()
     assert glob.glob(f"{tmp_path}/ref/events.out.tfevents.*")
     assert sorted(os.listdir(tmp_path / "ref" / "reconstructions")) == ["0000006.png", "0000012.png"]
     model = vtp_jax.load_pretrained(str(tmp_path / "ref" / "export"))

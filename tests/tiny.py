@@ -14,7 +14,14 @@ def load_config(name, arg=None):
 
 
 def get_config(name="demo"):
+    """configs/<name>.py at test size: the tiny model for a tokenizer job (--config=tests/tiny.py),
+    tiny splits for the evaluators of an eval job (--config=tests/tiny.py:eval_demo)."""
     c = load_config(name)
+    if "model" not in c:
+        for e in c.evals.values():
+            e.data.update(image_size=16, procedural_size=16, batch_size=8, num_images=16, num_train_images=32)
+        c.evals = {"reconstruction": c.evals.reconstruction}
+        return c
     m = c.model
     m.patch_size, m.width, m.depth, m.num_heads, m.latent_dim = 8, 32, 1, 2, 8
     m.decoder.width, m.decoder.depth, m.decoder.num_heads = 32, 1, 2

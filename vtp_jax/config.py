@@ -9,6 +9,8 @@ at start-up instead of being silently ignored.
 """
 from __future__ import annotations
 
+import numbers
+
 import ml_collections
 
 
@@ -165,11 +167,24 @@ def train_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.steps = 100_000
     c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices.
+    # Multi-slice (TPU) or multi-host (GPU) runs: how many slices each mesh axis spans, so that only
+    # those axes cross the slow data-centre network; (slices, 1, 1) is data parallel across slices.
+    c.dcn_mesh = (1, 1, 1)
     c.log_every = 50
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     c.images_every = 1000  # reconstructions written to TensorBoard and the workdir.
     c.max_nonfinite = 10  # abort after this many non-finite steps in a row (checked when logging).
+    # The divergence guard: a checkpoint is written only when the steps since the previous one were
+    # healthy: no update skipped as non-finite, every loss finite, |loss| <= divergence_factor x
+    # the median |loss| of the last 100 steps of earlier healthy stretches (a run's first stretch:
+    # x its first loss), and the largest parameter magnitude <= divergence_factor x that of the
+    # last healthy state (a step's loss predates its update: this covers the last update). An
+    # unhealthy stretch gets no checkpoint (a warning says so), so the newest checkpoint is always
+    # a healthy one to resume from and rotation never removes it; a later healthy stretch (a
+    # recovered spike) is saved again. A run whose last stretch is unhealthy exits with an error
+    # and writes no export. 0 turns both bands off (the non-finite rules stay).
+    c.divergence_factor = 10.0
     c.profile_steps = 0  # > 0: a profile of this many steps after warm-up (clu Profile).
     c.init_from = ""  # a release-format folder (or, for stage 2, a stage-1 workdir) to start from.
     c.eval_at_start = False  # also run config.evals before the first step (e.g. stage 2's "before")
@@ -310,3 +325,65 @@ def model_config_for(config: ml_collections.ConfigDict) -> ml_collections.Config
     if not on["rec"]:
         m.decoder.depth = 0
     return m
+
+# field: (smallest allowed value, what the field means)
+TRAIN_COUNTS = {
+    "steps": (0, "the step the run ends at"),
+    "log_every": (1, "steps between metric writes"),
+    "checkpoint_every": (1, "steps between checkpoints"),
+    "keep_checkpoints": (1, "checkpoints kept; 0 would delete each one right after writing it"),
+    "images_every": (0, "steps between image writes; 0: none"),
+    "max_nonfinite": (1, "non-finite steps in a row before the run aborts"),
+    "profile_steps": (0, "steps profiled; 0: none"),
+}
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
+    "model.attention": ("xla", "cudnn"),
+    "model.mlp": ("swiglu", "gelu"),
+    "model.norm": ("rmsnorm", "layernorm"),
+    "model.clip_feat": ("cls", "pooled"),
+    "model.decoder.mlp": ("swiglu", "gelu"),
+    "model.decoder.norm": ("rmsnorm", "layernorm"),
+    "dit.dtype": ("float32", "bfloat16"),
+    "dit.remat": ("none", "full", "dots"),
+    "latents.dtype": ("float16", "float32"),
+}
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+_ABSENT = object()
+
+
+def value_errors(config: ml_collections.ConfigDict) -> list[str]:
+    """Values no job may run with, one line each naming the field, the value and what is expected:
+    the runner's intervals and counts (a 0 that would divide by zero after compiling, a
+    keep_checkpoints=0 that deletes every checkpoint right after writing it, a negative step
+    count) and the enumerated options (a dtype such as 'bf16' that would otherwise be a KeyError
+    deep inside the model)."""
+    errs = []
+    t = config.get("train", {})
+    for name, (lo, meaning) in TRAIN_COUNTS.items():
+        if name not in t:
+            continue
+        v = t[name]
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
+            errs.append(f"train.{name}={v!r}: expected an integer >= {lo} ({meaning})")
+    if "divergence_factor" in t:
+        f = t.divergence_factor
+        if isinstance(f, bool) or not isinstance(f, numbers.Real) or not (f == 0 or f > 1):
+            errs.append(f"train.divergence_factor={f!r}: expected 0 (off) or a number > 1")
+    for path, allowed in CHOICES.items():
+        v = _get(config, path)
+        if v is not _ABSENT and v not in allowed:
+            errs.append(f"{path}={v!r}: expected one of {', '.join(repr(a) for a in allowed)}")
+    return errs

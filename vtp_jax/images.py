@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from PIL import Image, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,6 +35,34 @@ def to_uint8(x) -> np.ndarray:
     """ImageNet-normalised -> uint8, rounded and clipped (on the host)."""
     rgb = np.asarray(x, np.float64) * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
     return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
+
+
+def load_images(images, size: int = 256) -> np.ndarray:
+    """(B, size, size, 3) float32 ImageNet-normalised model input from image files (paths) or uint8
+    arrays (H, W, 3): the shorter side resized to `size` (bicubic), centre-cropped to a square, as
+    ADM and the release's tools prepare images. One error names the image that cannot be used."""
+    out = []
+    for item in [images] if isinstance(images, (str, np.ndarray)) and np.ndim(images) != 4 else images:
+        try:
+            if isinstance(item, np.ndarray):
+                im = Image.fromarray(np.asarray(item, np.uint8)).convert("RGB")
+            else:
+                with Image.open(item) as f:
+                    im = ImageOps.exif_transpose(f).convert("RGB")
+            scale = size / min(im.size)
+            im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))),
+                           Image.Resampling.BICUBIC)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            name = item if isinstance(item, str) else f"array of shape {np.shape(item)}"
+            raise ValueError(f"{name}: cannot use this image ({type(e).__name__}: {e})") from None
+        left, top = (im.width - size) // 2, (im.height - size) // 2
+        out.append(np.asarray(im.crop((left, top, left + size, top + size))))
+    return normalize(np.stack(out))
+
+
+def to_pixels(x) -> np.ndarray:
+    """Model output (ImageNet-normalised) -> uint8 images, what a file holds: `to_uint8`."""
+    return to_uint8(x)
 
 
 def side_by_side(columns: Sequence, n: int = 8) -> np.ndarray:

@@ -19,13 +19,15 @@ from ml_collections import config_flags
 from vtp_jax import jobs
 from vtp_jax.checkpoints.released import CheckpointError
 from vtp_jax.config import ConfigError
+from vtp_jax.train import checkpointing
 
 config_flags.DEFINE_config_file("config", None, "configs/*.py file", lock_config=True)
 flags.DEFINE_string("workdir", None, "logs, reconstructions and checkpoints (local path or gs://)")
 flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process without auto-detection)")
 flags.DEFINE_integer("num_processes", None, "number of processes (with --coordinator)")
 flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator)")
-flags.DEFINE_bool("distributed", None, "force jax.distributed.initialize() with auto-detection")
+flags.DEFINE_bool("distributed", None, "jax.distributed.initialize() with auto-detection (TPU VMs, SLURM, MPI); "
+                  "by default whenever the environment shows more than one process")
 FLAGS = flags.FLAGS
 
 
@@ -40,9 +42,13 @@ def _maybe_initialize_distributed():
 
 
 def _in_cluster() -> bool:
-    """A multi-host TPU slice or a SLURM job of more than one task."""
-    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ[
-        "TPU_WORKER_HOSTNAMES"]
+    """More than one process by the environment: a multi-host TPU slice (its worker list, or a
+    multi-slice run), a SLURM job of several tasks, an MPI launch, or a coordinator address given
+    the JAX way. One process never initialises anything."""
+    env = os.environ
+    return (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+            or "," in env.get("TPU_WORKER_HOSTNAMES", "") or int(env.get("MEGASCALE_NUM_SLICES", "1")) > 1
+            or "JAX_COORDINATOR_ADDRESS" in env)
 
 
 def main(argv):
@@ -52,7 +58,8 @@ def main(argv):
                  jax.device_count(), jax.local_device_count())
     try:
         jobs.run(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:  # bad input: the message, no traceback
+    except (ConfigError, CheckpointError, FileNotFoundError,  # bad input: the message, no traceback
+            checkpointing.RunError, FloatingPointError) as e:  # a locked workdir, unusable checkpoints, divergence
         logging.error("%s", e)
         sys.exit(f"error: {e}")
 

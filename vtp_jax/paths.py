@@ -123,13 +123,23 @@ def local_copy(path, cache: str | None = None) -> str:
     path = os.fspath(path)
     if not is_remote(path):
         return path
-    cache = cache or tempfile.mkdtemp(prefix="vtp_jax_")
+    cache = cache or _cache()
     local = os.path.join(cache, path.split("://", 1)[1].replace("/", "_"))
     if not os.path.exists(local):
         with Path(path).open("rb") as src, open(local + ".tmp", "wb") as dst:
             shutil.copyfileobj(src, dst)
         os.replace(local + ".tmp", local)
     return local
+
+
+_CACHE: list[str] = []
+
+
+def _cache() -> str:
+    """One temporary folder per process for the copies of remote files."""
+    if not _CACHE:
+        _CACHE.append(tempfile.mkdtemp(prefix="vtp_jax_cache_"))
+    return _CACHE[0]
 
 
 def upload(local: str, path) -> None:
@@ -157,3 +167,7 @@ def sync_folder(local: str, path) -> None:
             rel = os.path.relpath(src, local)
             with open(src, "rb") as f:
                 write_bytes(join(path, rel), f.read())
+
+
+def dirname(path) -> str:
+    return os.fspath(Path(os.fspath(path)).parent)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -21,8 +22,16 @@ from vtp_jax.images import normalize, to_uint8
 
 
 def load_image(path: str, size: int, multiple: int) -> np.ndarray:
-    """uint8 (H, W, 3); shorter side -> size (if size), centre crop to a multiple of `multiple`."""
-    with Image.open(path) as im:
+    """uint8 (H, W, 3); shorter side -> size (if size), centre crop to a multiple of `multiple`.
+    Images over PIL's pixel limit (Image.MAX_IMAGE_PIXELS) are refused before they are decoded:
+    a small file whose header claims 60000 x 60000 pixels would otherwise take ~10 GB."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise OversizedImage(f"{path}: too large ({e})") from None
+    with im:
         im = ImageOps.exif_transpose(im).convert("RGB")
         if size:
             scale = size / min(im.size)
@@ -33,6 +42,10 @@ def load_image(path: str, size: int, multiple: int) -> np.ndarray:
             raise ValueError(f"{path}: {im.width}x{im.height} is smaller than one {multiple}px patch")
         left, top = (im.width - w) // 2, (im.height - h) // 2
         return np.asarray(im.crop((left, top, left + w, top + h)))
+
+
+class OversizedImage(ValueError):
+    """An image with more pixels than PIL's decompression-bomb limit."""
 
 
 def psnr(a_u8: np.ndarray, b_u8: np.ndarray) -> float:
@@ -78,7 +91,11 @@ def main(argv=None) -> int:
     for path in files:
         try:
             image = load_image(path, args.size, model.config.patch_size)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL: unreadable, truncated, empty or tiny files
+        except OversizedImage as e:
+            print(f"error: {e}", file=sys.stderr)
+            errors.append(path)
+            continue
+        except Exception as e:  # noqa: BLE001  PIL raises many types on unreadable, truncated, empty or tiny files
             print(f"error: {path}: cannot use this image ({type(e).__name__}: {e})", file=sys.stderr)
             errors.append(path)
             continue

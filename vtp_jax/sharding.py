@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -38,23 +39,41 @@ LOGICAL_RULES = (
 )
 
 
-def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
-    """(data, fsdp, tensor) mesh; one -1 entry takes the remaining devices."""
-    devices = np.asarray(jax.devices() if devices is None else devices)
+def make_mesh(shape: Sequence[int], devices=None, dcn: Sequence[int] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh laid out on the physical topology (`jax.make_mesh`: on a TPU
+    slice neighbouring mesh coordinates are neighbouring chips); one -1 entry takes the remaining
+    devices. `dcn`: how many slices (or hosts, off TPU) each axis spans, for multi-slice runs: a
+    hybrid mesh whose slow data-centre-network links carry only the axes `dcn` names
+    (`mesh_utils.create_hybrid_device_mesh`; usually (slices, 1, 1): data parallel across slices).
+    A mesh that does not fit the devices is a ValueError saying why."""
+    devices = list(jax.devices() if devices is None else devices)
     shape = list(shape)
     if len(shape) != 3 or shape.count(-1) > 1:
         raise ValueError(f"mesh must be 3 sizes (data, fsdp, tensor) with at most one -1, got {shape}")
     if -1 in shape:
         rest = int(np.prod([s for s in shape if s != -1]))
-        if devices.size % rest:
-            raise ValueError(f"mesh {shape}: {devices.size} devices are not divisible by {rest}")
-        shape[shape.index(-1)] = devices.size // rest
+        if len(devices) % rest:
+            raise ValueError(f"mesh {shape}: {len(devices)} devices are not divisible by {rest}")
+        shape[shape.index(-1)] = len(devices) // rest
     n = int(np.prod(shape))
-    if n > devices.size:
-        raise ValueError(f"mesh {tuple(shape)} needs {n} devices, {devices.size} are present")
-    if n < devices.size:
-        logging.warning("mesh %s uses %d of %d devices", tuple(shape), n, devices.size)
-    return Mesh(devices.ravel()[:n].reshape(shape), MESH_AXES)
+    if n > len(devices):
+        raise ValueError(f"mesh {tuple(shape)} needs {n} devices, {len(devices)} are present")
+    if n < len(devices):
+        logging.warning("mesh %s uses %d of %d devices", tuple(shape), n, len(devices))
+    auto = (AxisType.Auto,) * len(MESH_AXES)  # shardings follow the inputs; losses reshard explicitly
+    if not dcn or all(d == 1 for d in dcn):
+        return jax.make_mesh(tuple(shape), MESH_AXES, devices=devices[:n], axis_types=auto)
+    dcn = list(dcn)
+    if len(dcn) != 3 or any(s % d for s, d in zip(shape, dcn)):
+        raise ValueError(f"dcn mesh {tuple(dcn)} must be 3 sizes dividing the mesh {tuple(shape)}")
+    ici = [s // d for s, d in zip(shape, dcn)]
+    granules = len({getattr(d, "slice_index", None) for d in devices[:n]})
+    by_process = granules == 1  # off TPU, a process (host) is the unit the slow network joins
+    try:
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices[:n], process_is_granule=by_process)
+    except (ValueError, AssertionError) as e:
+        raise ValueError(f"mesh {tuple(shape)} as {tuple(dcn)} slices of {tuple(ici)}: {e}") from None
+    return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def batch_size_of(mesh: Mesh) -> int:

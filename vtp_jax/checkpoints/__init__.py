@@ -4,12 +4,12 @@ The two checks every converted weight file (LPIPS VGG16, FID Inception) goes thr
 so each model module only states its expected shapes and its name."""
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
+
+from vtp_jax import paths
 
 
 def check_shapes(params, want: dict, source: str, what: str) -> None:
@@ -27,10 +27,9 @@ def check_shapes(params, want: dict, source: str, what: str) -> None:
 def load_converted(path: str, want: dict, what: str, how_to: str):
     """A converted Flax msgpack weight file as a float32 pytree, checked against the shapes `want`;
     a missing or unreadable file is one error that says how to make it (`how_to`)."""
-    if not path or not os.path.isfile(path):
+    if not path or not paths.isfile(path):
         raise FileNotFoundError(f"{what} weights file {path!r} does not exist. {how_to}")
-    with open(path, "rb") as f:
-        blob = f.read()
+    blob = paths.read_bytes(path)
     try:
         params = serialization.msgpack_restore(blob)
     except Exception as e:  # msgpack raises several unrelated types on garbage.

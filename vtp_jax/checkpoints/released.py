@@ -8,6 +8,7 @@ collected and reported in one error so that a user fixes a bad checkpoint in one
 from __future__ import annotations
 
 import json
+import os
 import jax
 import ml_collections
 import ml_dtypes
@@ -28,28 +29,79 @@ class CheckpointError(ValueError):
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Tensors of a .safetensors file as float32 NumPy arrays (bf16 / f16 upcast)."""
+    """Tensors of a .safetensors file as float32 NumPy arrays (bf16 / f16 upcast). A header that
+    disagrees with the bytes it describes is one CheckpointError naming the file and the tensors."""
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             if not 0 < n < 100 << 20:
                 raise CheckpointError(f"{path}: not a safetensors file (header length {n})")
             header = json.loads(f.read(n))
-        data = np.memmap(path, np.uint8, mode="r", offset=8 + n)
+        empty = os.path.getsize(path) <= 8 + n  # np.memmap cannot map 0 bytes
+        data = np.zeros(0, np.uint8) if empty else np.memmap(path, np.uint8, mode="r", offset=8 + n)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read safetensors header: {e}") from e
-    out = {}
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    out, problems = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        problem = _header_problem(info, data.size)
+        if problem:
+            problems.append(f"tensor {name!r} {problem}")
+            continue
         start, end = info["data_offsets"]
-        if end > data.size:
-            raise CheckpointError(f"{path}: tensor {name!r} lies past the end of the file (truncated?)")
         a = np.frombuffer(data[start:end], _ST_DTYPES[info["dtype"]]).reshape(info["shape"])
         out[name] = a.astype(np.float32) if a.dtype != np.int64 and a.dtype != np.int32 else a
+    if problems:
+        raise CheckpointError(f"{path}: {'; '.join(problems[:5])}"
+                              + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
     return out
+
+
+def _header_problem(info, n_bytes: int) -> str | None:
+    """What is wrong with one tensor's header entry against a data section of n_bytes, if anything."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        return "has no dtype / shape / data_offsets in the header"
+    if not isinstance(info["dtype"], str) or info["dtype"] not in _ST_DTYPES:
+        return f"has unsupported dtype {info['dtype']!r} (supported: {', '.join(_ST_DTYPES)})"
+    shape, offsets = info["shape"], info["data_offsets"]
+    ints = lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0  # noqa: E731
+                                                 for x in v)
+    if not ints(shape):
+        return f"has shape {shape!r}: expected a list of non-negative integers"
+    if not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        return f"has data_offsets {offsets!r}: expected [start, end] with start <= end"
+    start, end = offsets
+    if end > n_bytes:
+        return f"lies past the end of the file (bytes {start}..{end} of {n_bytes}: truncated?)"
+    want = int(np.prod(shape, dtype=np.int64)) * np.dtype(_ST_DTYPES[info["dtype"]]).itemsize
+    if end - start != want:
+        return (f"has {end - start} bytes for shape {shape} {info['dtype']}: expected {want} (the header disagrees "
+                "with the data)")
+    return None
+
+
+def nonfinite_tensors(tensors: dict) -> list[str]:
+    """'name (k NaN, m inf of n)' for every floating-point array holding non-finite values."""
+    out = []
+    for name, a in tensors.items():
+        a = np.asarray(a)
+        if np.issubdtype(a.dtype, np.floating) or a.dtype == ml_dtypes.bfloat16:
+            a = a.astype(np.float32, copy=False)
+            bad = ~np.isfinite(a)
+            if bad.any():
+                out.append(f"{name} ({int(np.isnan(a).sum())} NaN, {int(np.isinf(a).sum())} inf of {a.size})")
+    return out
+
+
+def check_finite(tensors: dict, source: str, how_to_allow: str) -> None:
+    """One CheckpointError naming every tensor of `source` with NaN or inf values."""
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise CheckpointError(f"{source}: non-finite weights in {len(bad)} tensor(s): {'; '.join(bad[:5])}"
+                              + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "") + f" ({how_to_allow})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,8 +117,56 @@ _FIXED = {
 }
 
 
-def config_from_release(rc: dict) -> ml_collections.ConfigDict:
-    """Our model config for any release config.json (not only S/B/L)."""
+# The types of the config.json fields we read: a wrong type is reported here, not as a TypeError
+# deep in the model. Integral floats (4.0) are taken as integers.
+_INT_FIELDS = ("vision_patch_size", "vision_embed_dim", "vision_depth", "vision_num_heads", "vision_feature_bottleneck",
+               "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "text_embed_dim", "text_depth",
+               "text_num_heads", "text_vocab_size", "text_context_length")
+_FLOAT_FIELDS = ("vision_mlp_ratio", "text_mlp_ratio")
+_OPTIONAL_FLOAT_FIELDS = ("vision_init_values", "decoder_init_values", "init_logit_scale")
+_BOOL_FIELDS = ("train_clip", "train_reconstruction", "vision_use_qk_norm", "decoder_use_qk_norm")
+_CLIP_FEAT = ("cls", "pooled")
+
+
+def _typed(rc: dict) -> tuple[dict, list[str]]:
+    """(rc with integral floats as ints, 'field=value: expected ...' for every mistyped field)."""
+    rc, bad = dict(rc), []
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    for k in _INT_FIELDS:
+        if k in rc:
+            v = rc[k]
+            if number(v) and float(v).is_integer() and v > 0:
+                rc[k] = int(v)
+            else:
+                bad.append(f"{k}={v!r}: expected a positive integer")
+    for k in _FLOAT_FIELDS + _OPTIONAL_FLOAT_FIELDS:
+        positive = k != "init_logit_scale"  # a log scale may be negative
+        if k in rc and not (number(rc[k]) and np.isfinite(rc[k]) and (rc[k] > 0 or not positive)
+                            or rc[k] is None and k in _OPTIONAL_FLOAT_FIELDS):
+            bad.append(f"{k}={rc[k]!r}: expected a {'positive' if positive else 'finite'} number"
+                       + (" or null" if k in _OPTIONAL_FLOAT_FIELDS else ""))
+    for k in _BOOL_FIELDS:
+        if k in rc and not isinstance(rc[k], bool):
+            bad.append(f"{k}={rc[k]!r}: expected true or false")
+    if "vision_clip_feat" in rc and rc["vision_clip_feat"] not in _CLIP_FEAT:
+        bad.append(f"vision_clip_feat={rc['vision_clip_feat']!r}: expected one of {list(_CLIP_FEAT)}")
+    if bad:
+        return rc, bad
+    for tower, default_width, default_heads, rope in (("vision", 768, 12, True), ("decoder", 768, 12, True),
+                                                      ("text", 768, 12, False)):
+        width, heads = rc.get(f"{tower}_embed_dim", default_width), rc.get(f"{tower}_num_heads", default_heads)
+        if width % heads or rope and (width // heads) % 4:
+            bad.append(f"{tower}_embed_dim={width} / {tower}_num_heads={heads}: expected a whole head dim"
+                       + (" divisible by 4 (axial RoPE)" if rope else ""))
+    return rc, bad
+
+
+def config_from_release(rc: dict, source: str = "config.json") -> ml_collections.ConfigDict:
+    """Our model config for any release config.json (not only S/B/L); every problem of `source`
+    in one CheckpointError."""
+    if not isinstance(rc, dict):
+        raise CheckpointError(f"{source}: expected a JSON object of config fields, got {type(rc).__name__}")
+    rc, typed = _typed(rc)
     g = lambda k, d=None: rc.get(k, d)  # noqa: E731
     bad = [f"{k}={rc[k]!r} (supported: {v!r})" for k, v in _FIXED.items() if k in rc and rc[k] != v]
     for k, table in (("vision_ffn_layer", _FFN), ("decoder_ffn_layer", _FFN),
@@ -74,7 +174,9 @@ def config_from_release(rc: dict) -> ml_collections.ConfigDict:
         if k in rc and rc[k] not in table:
             bad.append(f"{k}={rc[k]!r} (supported: {sorted(table)})")
     if bad:
-        raise CheckpointError("config.json uses options vtp-jax does not implement: " + "; ".join(bad))
+        raise CheckpointError(f"{source} uses options vtp-jax does not implement: " + "; ".join(bad + typed))
+    if typed:
+        raise CheckpointError(f"{source}: " + "; ".join(typed))
     c = config_lib.model_config()
     c.patch_size = g("vision_patch_size", 16)
     c.width, c.depth, c.num_heads = g("vision_embed_dim", 768), g("vision_depth", 12), g("vision_num_heads", 12)
@@ -291,8 +393,17 @@ def convert(tensors: dict[str, np.ndarray], c: ml_collections.ConfigDict):
             continue
         flat[path] = to_ours(layout, np.asarray(tensors[k], np.float32), want)
     for k, want in buffers.items():
-        if k in tensors and (tensors[k].shape != want.shape or not np.allclose(tensors[k], want, rtol=1e-2)):
-            problems.append(f"{k}: RoPE periods {np.asarray(tensors[k]).ravel()[:4]}... differ from the "
+        if k not in tensors:
+            continue
+        got = np.asarray(tensors[k])
+        if got.shape != want.shape:  # the head dim (width / heads) the weights were made with differs
+            tower, part = ("vision", c) if k.startswith("trunk") else ("decoder", c.decoder)
+            made = f"head dim {4 * got.size}" if got.ndim == 1 else "another head dim"
+            problems.append(f"{k}: shape {got.shape}, expected {want.shape} for head dim "
+                            f"{part.width // part.num_heads} ({tower}_embed_dim={part.width} / {tower}_num_heads="
+                            f"{part.num_heads}): the weights were made with {made}; check {tower}_num_heads")
+        elif not np.allclose(got, want, rtol=1e-2):
+            problems.append(f"{k}: RoPE periods {got.ravel()[:4]}... differ from the "
                             f"configured rope_base={c.rope_base} ({want[:4]}...)")
     if missing or unexpected or problems:
         lines = [f"missing key: {k}" for k in missing] + [f"unexpected key: {k}" for k in unexpected] + problems
@@ -324,10 +435,12 @@ def _unflatten(flat: dict[str, np.ndarray]):
     return tree
 
 
-def load_release(folder: str, scan_layers: bool = False):
+def load_release(folder: str, scan_layers: bool = False, allow_nonfinite: bool = False):
     """(model config, params) from a release folder; with `scan_layers` the config says so and
     each block stack's params are stacked (<tower>/blocks/..., leading depth axis). `folder` is a
-    local or gs:// folder or a Hugging Face hub id ("MiniMaxAI/VTP-Large-f16d64")."""
+    local or gs:// folder or a Hugging Face hub id ("MiniMaxAI/VTP-Large-f16d64"). Weights with
+    NaN or inf are rejected (naming the tensors) unless `allow_nonfinite`: a model that silently
+    computes NaN is worse than none."""
     folder = hub.resolve(folder)
     cfg_path, st_path = paths.join(folder, "config.json"), paths.join(folder, "model.safetensors")
     for p in (cfg_path, st_path):
@@ -335,11 +448,17 @@ def load_release(folder: str, scan_layers: bool = False):
             raise FileNotFoundError(f"{p} not found: a released VTP folder holds config.json and model.safetensors")
     try:
         rc = json.loads(paths.read_text(cfg_path))
-    except json.JSONDecodeError as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
-    c = config_from_release(rc)
+    c = config_from_release(rc, cfg_path)
     c.scan_layers = scan_layers
-    params = convert(read_safetensors(paths.local_copy(st_path)), c)  # memory-mapped: a local file
+    tensors = read_safetensors(paths.local_copy(st_path))  # memory-mapped: a local file
+    try:
+        params = convert(tensors, c)
+    except CheckpointError as e:
+        raise CheckpointError(f"{st_path}: {e}") from None
+    if not allow_nonfinite:
+        check_finite(tensors, st_path, "allow_nonfinite=True loads them anyway")
     return c, jax.tree.map(np.asarray, params)
 
 

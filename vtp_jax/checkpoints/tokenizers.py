@@ -6,9 +6,6 @@ a training workdir (its config.json and latest orbax checkpoint); `load_tokenize
 """
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import ml_collections
 import numpy as np
@@ -18,11 +15,11 @@ from jax.experimental import multihost_utils
 
 from vtp_jax import config as config_lib
 from vtp_jax import paths
-from vtp_jax.checkpoints import hub, released
+from vtp_jax.checkpoints import hub, integrity, released
 
 
 def is_release_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "model.safetensors")) or not os.path.isdir(os.path.join(path, "checkpoints"))
+    return paths.isfile(paths.join(path, "model.safetensors")) or not paths.isdir(paths.join(path, "checkpoints"))
 
 
 def load_tokenizer(path: str, field: str = "eval.checkpoint"):
@@ -40,25 +37,30 @@ def load_tokenizer(path: str, field: str = "eval.checkpoint"):
 
 def load_workdir(workdir: str):
     """The model config and student params of a training workdir's latest checkpoint."""
-    cfg_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(cfg_path):
+    cfg_path = paths.join(workdir, "config.json")
+    if not paths.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: a training workdir holds config.json and checkpoints/")
-    with open(cfg_path) as f:
-        saved = ml_collections.ConfigDict(json.load(f))
+    saved = ml_collections.ConfigDict(paths.read_json(cfg_path))
     model = config_lib.model_config()  # today's schema, the run's values
     model.update(saved.model)
     model_cfg = config_lib.model_config_for(ml_collections.ConfigDict(dict(model=model, objectives=saved.objectives)))
-    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    manager = ocp.CheckpointManager(paths.join(workdir, "checkpoints"))
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    path = paths.join(workdir, "checkpoints", str(step), "state")
     meta = ocp.StandardCheckpointer().metadata(path)
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-    params = ocp.StandardCheckpointer().restore(path, target)["params"]
+    state = ocp.StandardCheckpointer().restore(path, target)
+    problem = integrity.verify_step(paths.dirname(path), state)
+    if problem:
+        raise released.CheckpointError(f"{workdir}/checkpoints step {step}: {problem}")
+    params = state["params"]
+    released.check_finite({"/".join(k): v for k, v in released._flatten(params).items()}, f"{path} (params)",
+                          "a diverged run? restore an earlier step")
     logging.info("loaded step %d of %s", step, workdir)
     return model_cfg, jax.tree.map(np.asarray, params)
 

@@ -17,12 +17,12 @@ https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_incepti
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
 from flax import serialization, traverse_util
 
+from vtp_jax import paths
 from vtp_jax.checkpoints import check_shapes
 from vtp_jax.models import inception as inception_lib
 from vtp_jax.models import lpips as lpips_lib
@@ -133,7 +133,7 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     except ImportError as e:
         raise ImportError("reading .pth files needs torch: pip install 'vtp-jax[torch]' "
                           "(only for this conversion)") from e
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FileNotFoundError(f"{path!r} does not exist")
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(sd, dict):
@@ -144,7 +144,7 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
 def save_params(params, path: str) -> None:
     """Write a params pytree as Flax msgpack (what `objectives.load_lpips_params` and
     `evals.fid.load_inception_params` read)."""
-    with open(path, "wb") as f:
+    with paths.open_file(path, "wb") as f:
         f.write(serialization.msgpack_serialize(params))
 
 

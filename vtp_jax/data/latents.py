@@ -19,10 +19,8 @@ are read through `latent_source` / `read_meta` / `latent_stats`; records come ou
 from __future__ import annotations
 
 import collections
-import glob
 import io
 import json
-import os
 import pickle
 import zipfile
 from typing import Any, Iterator, NamedTuple
@@ -32,6 +30,8 @@ import ml_dtypes
 import msgpack
 import numpy as np
 from absl import logging
+
+from vtp_jax import paths
 
 META, STATS = "meta.json", "stats.npz"
 RELEASE_STATS = "latents_stats.pt"  # LightningDiT's ImgLatentDataset cache; VTP ships S / B / L ones
@@ -53,11 +53,11 @@ def read_meta(folder: str) -> dict:
     """meta.json of our extraction, or its equivalent for an official folder (`official_meta`)."""
     if is_official(folder):
         return official_meta(folder)
-    path = os.path.join(folder, META)
-    if not os.path.isfile(path):
+    path = paths.join(folder, META)
+    if not paths.isfile(path):
         raise FileNotFoundError(f"{path} not found: {folder} is not a finished latent extraction "
                                 "(python -m vtp_jax.main --config=configs/extract_latents.py ...)")
-    with open(path) as f:
+    with paths.open_file(path, "r") as f:
         return json.load(f)
 
 
@@ -65,12 +65,12 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std), each (C,) float32, from our stats.npz, the release's latents_stats.pt (a dict of
     1 x C x 1 x 1 float32 tensors, read without torch) or a folder holding either (stats.npz first).
     """
-    if os.path.isdir(path):
+    if paths.isdir(path):
         for name in (STATS, RELEASE_STATS):
-            if os.path.isfile(os.path.join(path, name)):
-                return load_stats(os.path.join(path, name))
+            if paths.isfile(paths.join(path, name)):
+                return load_stats(paths.join(path, name))
         raise FileNotFoundError(f"no latent statistics ({STATS} or {RELEASE_STATS}) in {path}")
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FileNotFoundError(f"latent statistics {path!r} do not exist")
     if _is_torch_zip(path):
         stats = read_torch_file(path)
@@ -79,7 +79,7 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
                              f"got {type(stats).__name__} {sorted(stats) if isinstance(stats, dict) else ''}")
         mean, std = stats["mean"], stats["std"]
     else:
-        with np.load(path) as s:
+        with paths.open_file(path) as f, np.load(f) as s:
             mean, std = s["mean"], s["std"]
     mean, std = (_per_channel(np.asarray(a), path, k) for a, k in ((mean, "mean"), (std, "std")))
     if mean.shape != std.shape:
@@ -170,6 +170,7 @@ def _is_torch_zip(path: str) -> bool:
 def read_torch_file(path: str):
     """The object a `torch.save` (zip format, torch >= 1.6) file holds, its tensors as NumPy arrays,
     read without torch: only tensors, parameters, dicts, lists and plain values are accepted."""
+    path = paths.local_copy(path)  # zipfile seeks: a local file
     if not _is_torch_zip(path):
         raise ValueError(f"{path}: not a torch.save zip file (legacy torch files: re-save with torch >= 1.6)")
     with zipfile.ZipFile(path) as z:
@@ -198,7 +199,7 @@ _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, 
 
 def _safetensors_header(path: str) -> dict:
     """{name: (dtype, shape, start byte in the file)} of a .safetensors file."""
-    with open(path, "rb") as f:
+    with paths.open_file(path) as f:
         n = int.from_bytes(f.read(8), "little")
         if not 0 < n < 100 << 20:
             raise ValueError(f"{path}: not a safetensors file (header length {n})")
@@ -215,12 +216,12 @@ def _safetensors_header(path: str) -> dict:
 
 def official_shard_paths(folder: str) -> list[str]:
     """The safetensors files of an official latent folder, sorted (as ImgLatentDataset reads them)."""
-    return sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    return sorted(paths.glob(paths.join(folder, "*.safetensors")))
 
 
 def is_official(folder: str) -> bool:
     """An official (LightningDiT / VTP) latent folder: safetensors shards and no meta.json of ours."""
-    return (os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, META))
+    return (paths.isdir(folder) and not paths.isfile(paths.join(folder, META))
             and bool(official_shard_paths(folder)))
 
 
@@ -261,7 +262,7 @@ class OfficialLatentSource:
 
     def _read(self, f: int, key: str, j: int, count: int = 1) -> np.ndarray:
         if f not in self._maps:
-            self._maps[f] = np.memmap(self.paths[f], np.uint8, mode="r")
+            self._maps[f] = np.memmap(paths.local_copy(self.paths[f]), np.uint8, mode="r")  # gs://: a local copy
         dtype, shape, start = self._headers[f][key]
         per = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         raw = self._maps[f][start + j * per: start + (j + count) * per]
@@ -318,7 +319,7 @@ def latent_stats(folder: str, stats: str = "", n_samples: int = 10_000, seed: in
     computed as ImgLatentDataset does (min(n_samples, N) random unflipped latents), not written."""
     if stats:
         return load_stats(stats)
-    if is_official(folder) and not any(os.path.isfile(os.path.join(folder, n)) for n in (STATS, RELEASE_STATS)):
+    if is_official(folder) and not any(paths.isfile(paths.join(folder, n)) for n in (STATS, RELEASE_STATS)):
         src = OfficialLatentSource(folder)
         logging.info("latents: %s has no %s; computing the statistics of %d random latents", folder, RELEASE_STATS,
                      min(n_samples, len(src)))
@@ -327,10 +328,10 @@ def latent_stats(folder: str, stats: str = "", n_samples: int = 10_000, seed: in
 
 
 def shard_paths(folder: str) -> list[str]:
-    paths = sorted(glob.glob(os.path.join(folder, "part-*.array_record")))
-    if not paths:
+    found = paths.glob(paths.join(folder, "part-*.array_record"))
+    if not found:
         raise FileNotFoundError(f"no latent shards (part-*.array_record) in {folder}")
-    return paths
+    return found
 
 
 def count_records(folder: str) -> int:
@@ -342,7 +343,8 @@ def write_stats(folder: str, shape, dtype, n_samples: int, seed: int = 0):
     """Per-channel mean and unbiased std of min(n_samples, N) random unflipped latents."""
     source = grain.sources.ArrayRecordDataSource(shard_paths(folder))
     mean, std = _stats_of(lambda i: decode_record(source[i], shape, dtype)["latent"], len(source), n_samples, seed)
-    np.savez(os.path.join(folder, STATS), mean=mean, std=std)
+    with paths.open_file(paths.join(folder, STATS), "wb") as f:
+        np.savez(f, mean=mean, std=std)
 
 
 def _stats_of(latent, n: int, n_samples: int, seed: int):

@@ -308,12 +308,13 @@ def make_train_iterator(config_data, *, seed: int, process_index: int | None = N
 
 
 def make_eval_iterator(source, *, image_size: int, batch_size: int, crop: str = "center", process_index: int = 0,
-                       process_count: int = 1, num_threads: int = 8) -> Iterator[dict[str, np.ndarray]]:
+                       process_count: int = 1, num_threads: int = 8, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """One ordered pass over this process's 1/P of `source` (e.g. `sources.TFDSSource(split=
     'validation')`): {'images' (b, S, S, 3) f32 normalized, 'labels' (b,) int32, 'valid' (b,)
     bool}. crop 'center' is ADM's (rFID, DiT latents), 'squash' VTP's zero-shot resize. The last
     batch is padded (valid False) so every step has the same shape; undecodable records are
-    skipped (an evaluation set should have none)."""
+    skipped (an evaluation set should have none). `start`: this process's records to skip, never
+    read (a resumed pass)."""
     crops = {"center": transforms.center_crop, "squash": transforms.squash_resize}
     if crop not in crops:
         raise ValueError(f"crop={crop!r}: expected one of {sorted(crops)}")
@@ -326,7 +327,7 @@ def make_eval_iterator(source, *, image_size: int, batch_size: int, crop: str = 
             return None
         return np.asarray(crops[crop](image, image_size)), record["label"]
 
-    ds = grain.MapDataset.source(source)[process_index::process_count].map(load)
+    ds = grain.MapDataset.source(source)[process_index::process_count][start:].map(load)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads)).filter(lambda x: x is not None)
     images, labels = [], []
     for image, label in ds:

@@ -8,9 +8,7 @@ demo data, converted shards and TFDS ImageNet run through the very same pipeline
 """
 from __future__ import annotations
 
-import glob
 import io
-import os
 from importlib import resources
 from typing import Sequence
 
@@ -18,6 +16,7 @@ import msgpack
 import numpy as np
 from PIL import Image
 
+from vtp_jax import paths
 from vtp_jax.data import procedural
 
 NO_LABEL = -1
@@ -82,15 +81,15 @@ class ProceduralSource:
 def shard_paths(pattern: str | Sequence[str]) -> list[str]:
     """Sorted ArrayRecord files from a glob, a directory, a comma-separated list or a list."""
     patterns = pattern.split(",") if isinstance(pattern, str) else list(pattern)
-    paths = []
+    found = []
     for p in patterns:
         p = p.strip()
-        if os.path.isdir(p):
-            p = os.path.join(p, "*.array_record")
-        paths.extend(sorted(glob.glob(p)))
-    if not paths:
+        if paths.isdir(p):
+            p = paths.join(p, "*.array_record")
+        found.extend(paths.glob(p))
+    if not found:
         raise FileNotFoundError(f"no ArrayRecord shards match {pattern!r}; write them with `python -m vtp_jax.data.prepare`")
-    return paths
+    return found
 
 
 def array_record_source(pattern: str | Sequence[str]):

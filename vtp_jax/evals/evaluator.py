@@ -11,12 +11,12 @@ Data: every evaluator reads its split through `vtp_jax.data.eval_splits` (`entry
 from __future__ import annotations
 
 import importlib
-import os
 
 import ml_collections
 from absl import logging
 
 from vtp_jax import config as config_lib
+from vtp_jax import paths
 
 TYPES = {
     "reconstruction": "vtp_jax.evals.reconstruction:Evaluator",
@@ -99,7 +99,7 @@ def build(config: ml_collections.ConfigDict, target, mesh) -> dict:
 
 def missing_weights(name: str, what: str, path: str, field: str) -> bool:
     """True (and a warning saying how to get them) when an optional metric's weights are absent."""
-    if path and os.path.isfile(path):
+    if path and paths.isfile(path):
         return False
     logging.warning("%s: no %s weights (%s=%r): that metric is skipped, the others still run. See README "
                     "'Evaluation' for how to convert them.", name, what, field, path)

@@ -19,7 +19,7 @@ precision / recall (Kynkaanniemi et al. 2019) on the pool features (`precision_r
 from __future__ import annotations
 
 import functools
-import os
+import io
 from typing import NamedTuple
 
 import jax
@@ -28,6 +28,7 @@ import numpy as np
 import scipy.linalg
 from absl import logging
 
+from vtp_jax import paths
 from vtp_jax.checkpoints import load_converted
 from vtp_jax.models import inception as inception_lib
 
@@ -309,11 +310,11 @@ def load_reference_stats(path: str, dim: int | None = inception_lib.FEATURE_DIM,
     keys = ("mu_s", "sigma_s") if spatial else ("mu", "sigma")
     if spatial and dim == inception_lib.FEATURE_DIM:
         dim = SPATIAL_DIM
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FileNotFoundError(f"FID reference statistics {path!r} do not exist (an ADM reference batch "
                                 "such as VIRTUAL_imagenet256_labeled.npz, or a file written by save_stats)")
     try:
-        archive = np.load(path, allow_pickle=False)
+        archive = np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False)
     except Exception as e:  # zipfile, pickle and format errors alike.
         raise ValueError(f"{path}: not an .npz archive ({type(e).__name__}: {e})") from e
     if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -336,5 +337,5 @@ def save_stats(path: str, mu, sigma, mu_s=None, sigma_s=None) -> None:
     _check_stats(arrays["mu"], arrays["sigma"], None, "save_stats")
     if mu_s is not None:
         _check_stats(arrays["mu_s"], arrays["sigma_s"], None, "save_stats (spatial)")
-    with open(path, "wb") as f:  # a file object keeps np.savez from appending '.npz' to the name.
+    with paths.open_file(path, "wb") as f:  # a file object keeps np.savez from appending '.npz' to the name.
         np.savez(f, **arrays)

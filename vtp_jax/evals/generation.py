@@ -10,15 +10,19 @@ lacks comes from the real images of a split read here (procedural or any dataset
 """
 from __future__ import annotations
 
+import io
+import time
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vtp_jax import images, objectives, sharding
+from vtp_jax import images, objectives, paths, sharding
 from vtp_jax.data import eval_splits
 from vtp_jax.data import latents as latents_lib
 from vtp_jax.evals import evaluator, fid
@@ -105,7 +109,7 @@ class GenerationEvaluator:
         e, ref = self.e, {}
         if e.reference_stats:
             ref["mu"], ref["sigma"] = fid.load_reference_stats(e.reference_stats)
-            with np.load(e.reference_stats) as archive:
+            with np.load(io.BytesIO(paths.read_bytes(e.reference_stats))) as archive:
                 files = set(archive.files)
                 if e.sfid and {"mu_s", "sigma_s"} <= files:
                     ref["mu_s"], ref["sigma_s"] = fid.load_reference_stats(e.reference_stats, spatial=True)
@@ -115,7 +119,7 @@ class GenerationEvaluator:
                    if on and k not in ref]
         if missing:
             acc = (fid.FeatureStats(), fid.FeatureStats(fid.SPATIAL_DIM), [])
-            for b in eval_splits.batches(e.data, self.mesh):
+            for b in eval_splits.batches(e.data, self.mesh, name="generation reference"):
                 moments, spatial, _, feats = self._stats(_quantize(b["images"], jnp.round), b["valid"])
                 self._accumulate(moments, spatial, feats, b["valid"], acc)
             real = {"mu": acc[0].mu(), "sigma": acc[0].sigma()}
@@ -143,12 +147,16 @@ class GenerationEvaluator:
     def run(self, params) -> dict:
         if not self.enabled:
             return {}
-        from jax.experimental import multihost_utils
-
         g, e = self.generator, self.e
         rng = np.random.default_rng(e.seed)
         fake, logits = (fid.FeatureStats(), fid.FeatureStats(fid.SPATIAL_DIM), []), []
+        t0, last = time.perf_counter(), time.perf_counter()
         for start in range(0, e.num_samples, e.batch_size):
+            if time.perf_counter() - last > 30:  # sampling 50k images takes hours: say where it is
+                last = time.perf_counter()
+                rate = start / (last - t0)
+                logging.info("generation: %d of %d samples, %.1f samples/s, ETA %.0f s", start, e.num_samples, rate,
+                             (e.num_samples - start) / rate)
             n = min(e.batch_size, e.num_samples - start)
             labels = rng.integers(0, g.num_classes, e.batch_size).astype(np.int32)
             noise = rng.standard_normal((e.batch_size, *g.latent_shape)).astype(np.float32)
@@ -203,7 +211,7 @@ class ClassConditionalEvaluator:
         self.generator, self.mesh, self.e = generator, mesh, e
         if not e.classifier_params:
             raise ValueError("class_conditional.classifier_params is empty: give the domain classifier's weights")
-        with open(e.classifier_params, "rb") as f:
+        with paths.open_file(e.classifier_params) as f:
             params = serialization.msgpack_restore(f.read())
         net = DomainClassifier(generator.num_classes, params["conv0_0"]["kernel"].shape[-1])  # width from the file
         self.params = jax.device_put(params, NamedSharding(mesh, P()))
@@ -212,10 +220,8 @@ class ClassConditionalEvaluator:
 
     def real_features(self):
         if self._real is None:
-            from jax.experimental import multihost_utils
-
             feats = []
-            for b in eval_splits.batches(self.e.data, self.mesh):
+            for b in eval_splits.batches(self.e.data, self.mesh, name="class_conditional reference"):
                 _, f = self._classify(self.params, _quantize(b["images"], jnp.round))
                 f, valid = multihost_utils.process_allgather((f, b["valid"]), tiled=True)
                 feats.append(np.asarray(f)[np.asarray(valid)])
@@ -223,8 +229,6 @@ class ClassConditionalEvaluator:
         return self._real
 
     def run(self, params) -> dict:
-        from jax.experimental import multihost_utils
-
         g, e = self.generator, self.e
         labels_all = np.repeat(np.arange(g.num_classes), e.samples_per_class).astype(np.int32)
         rng = np.random.default_rng(e.seed)

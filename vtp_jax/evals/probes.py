@@ -290,7 +290,7 @@ class _Probe:
         from jax.experimental import multihost_utils
 
         feats, labels = {k: [] for k in self.e.features}, []
-        for b in eval_splits.batches(self.e.data, self.mesh, train=train):
+        for b in eval_splits.batches(self.e.data, self.mesh, train=train, name=f"{type(self).__name__} features"):
             out = self._features(params, b["images"])
             out, y, valid = multihost_utils.process_allgather((out, b["labels"], b["valid"]), tiled=True)
             for k in feats:

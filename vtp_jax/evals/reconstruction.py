@@ -133,7 +133,7 @@ class Evaluator:
 
     def run(self, params) -> dict:
         totals, real, fake = {}, fid.FeatureStats(), fid.FeatureStats()
-        for b in eval_splits.batches(self.e.data, self.mesh):
+        for b in eval_splits.batches(self.e.data, self.mesh, name="reconstruction"):
             out = jax.device_get(self._sums(params, self.lpips, self.inception, b["images"], b["valid"]))
             if "real" in out:
                 real.update(out.pop("real"))

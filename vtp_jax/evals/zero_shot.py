@@ -140,7 +140,7 @@ class Evaluator:
             return {}
         weights = classifier_weights(lambda ids: self._text(params, ids), self.tokenize, *self.prompts)
         hits, n = np.zeros(2), 0
-        for b in eval_splits.batches(self.e.data, self.mesh):
+        for b in eval_splits.batches(self.e.data, self.mesh, name="zero_shot"):
             hits += np.asarray(jax.device_get(self._counts(params, weights, b["images"], b["labels"], b["valid"])))
             n += int(jax.device_get(b["valid"].sum()))
         return {"top1": hits[0] / max(n, 1), "top5": hits[1] / max(n, 1)}

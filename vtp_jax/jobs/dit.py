@@ -14,7 +14,6 @@ class with `class_dropout_prob` (CFG), AdamW, EMA every step.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import flax
@@ -26,7 +25,7 @@ import numpy as np
 import optax
 
 from vtp_jax import config as config_lib
-from vtp_jax import images, objectives, sampling, sharding
+from vtp_jax import images, objectives, paths, sampling, sharding
 from vtp_jax.checkpoints import tokenizers
 from vtp_jax.data import latents as latents_lib
 from vtp_jax.jobs import extract_latents
@@ -98,13 +97,13 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
                         "(--config.dit.latents=DIR) or a tokenizer to extract them with (--config.latents.tokenizer=DIR)")
         else:
             errs += extract_latents.validate(config, n_batch_shards, n_processes)
-    elif not official and not os.path.isfile(os.path.join(c.latents, "meta.json")):
+    elif not official and not paths.isfile(paths.join(c.latents, "meta.json")):
         errs.append(f"dit.latents={c.latents}: neither a finished latent extraction (meta.json) nor official latent "
                     "shards (*.safetensors)")
     if official and not c.tokenizer:
         errs.append(f"dit.latents={c.latents} holds official latent shards, which do not name their tokenizer: "
                     "set dit.tokenizer (decodes the samples)")
-    if c.latent_stats and not os.path.exists(c.latent_stats):
+    if c.latent_stats and not paths.exists(c.latent_stats):
         errs.append(f"dit.latent_stats={c.latent_stats} does not exist")
     if c.sample.cfg_channels is not None and c.sample.cfg_channels < 1:
         errs.append(f"dit.sample.cfg_channels={c.sample.cfg_channels}: None (all channels) or >= 1 (3: official)")
@@ -212,7 +211,7 @@ def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None
         if workdir is None:
             raise runner.ConfigError("dit.latents is empty: give extracted latents (or run the job with a workdir "
                                      "to extract them there)")
-        folder = extract_latents.extract(config, os.path.join(workdir, "latents"), mesh)
+        folder = extract_latents.extract(config, paths.join(workdir, "latents"), mesh)
         config = config.copy_and_resolve_references()
         config.dit.latents = folder
     meta = latents_lib.read_meta(config.dit.latents)

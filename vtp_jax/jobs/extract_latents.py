@@ -14,9 +14,10 @@ The `dit` job runs it first when `dit.latents` is empty.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
+import tempfile
+import time
 
 import jax
 import ml_collections
@@ -26,8 +27,8 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from jax.experimental import multihost_utils
 
 from vtp_jax import config as config_lib
-from vtp_jax import sharding
-from vtp_jax.checkpoints import tokenizers
+from vtp_jax import paths, sharding
+from vtp_jax.checkpoints import hub, tokenizers
 from vtp_jax.data import eval_splits
 from vtp_jax.data import latents as latents_lib
 from vtp_jax.data import procedural
@@ -65,8 +66,9 @@ def extract(config: ml_collections.ConfigDict, workdir: str, mesh) -> str:
     c = config.latents
     d = c.data
     n_proc, pid = jax.process_count(), jax.process_index()
-    os.makedirs(workdir, exist_ok=True)
-    if os.path.isfile(os.path.join(workdir, latents_lib.META)):
+    paths.makedirs(workdir)
+    local = tempfile.mkdtemp(prefix="vtp_jax_latents_")
+    if paths.isfile(paths.join(workdir, latents_lib.META)):
         logging.info("latents in %s are complete", workdir)
         return workdir
     model_cfg, params = tokenizers.load_tokenizer(c.tokenizer, field="latents.tokenizer")
@@ -90,21 +92,21 @@ def extract(config: ml_collections.ConfigDict, workdir: str, mesh) -> str:
 
     with jax.set_mesh(mesh):
         params = jax.device_put(params, sharding.replicated(mesh))
-        source = eval_splits.make_source(d, train=True)
-        n_batches = math.ceil(math.ceil(len(source) / n_proc) / (d.batch_size // n_proc))
+        n_batches = eval_splits.num_batches(d, train=True)
         n_parts = math.ceil(n_batches / c.part_batches)
-        name = lambda k: os.path.join(workdir, f"part-{k:05d}-of-{n_proc:03d}-{pid:03d}.array_record")  # noqa: E731
-        done = [os.path.isfile(name(k)) for k in range(n_parts)]
+        name = lambda k: paths.join(workdir, f"part-{k:05d}-of-{n_proc:03d}-{pid:03d}.array_record")  # noqa: E731
+        done = [paths.isfile(name(k)) for k in range(n_parts)]
         done = multihost_utils.process_allgather(np.array(done)).reshape(-1, n_parts).all(axis=0) if n_proc > 1 \
             else np.array(done)
-        batches = eval_splits.batches(d, mesh, train=True)
         h = d.image_size // model_cfg.patch_size
         shape = (h, h, model_cfg.latent_dim)
-        for k in range(n_parts):
-            part = [next(batches, None) for _ in range(min(c.part_batches, n_batches - k * c.part_batches))]
-            if done[k]:
-                continue  # the pipeline still reads its batches: the order of the rest is unchanged
-            tmp = name(k) + ".tmp"
+        todo = [k for k in range(n_parts) if not done[k]]  # finished parts are never read again
+        if len(todo) < n_parts:
+            logging.info("latents: %d of %d parts already in %s", n_parts - len(todo), n_parts, workdir)
+        t0, images = time.perf_counter(), 0
+        for j, k in enumerate(todo):
+            part = eval_splits.batches(d, mesh, train=True, start=k * c.part_batches, count=c.part_batches)
+            tmp = os.path.join(local, os.path.basename(name(k)) + ".tmp")  # ArrayRecord writes local files only
             writer = ArrayRecordWriter(tmp, "group_size:1")
             for b in part:
                 z, z_flip = encode(params, b["images"])
@@ -113,20 +115,24 @@ def extract(config: ml_collections.ConfigDict, workdir: str, mesh) -> str:
                     (z, z_flip, b["labels"], b["valid"]), mesh, rows))  # this process's rows
                 for i in np.flatnonzero(valid):
                     writer.write(latents_lib.encode_record(z[i].astype(dtype), z_flip[i].astype(dtype), labels[i]))
+                images += int(np.sum(valid)) * n_proc
             writer.close()
-            os.replace(tmp, name(k))
-            logging.info("latents: part %d of %d written", k + 1, n_parts)
+            paths.upload(tmp, name(k))  # whole parts only: a killed run leaves no partial one
+            rate = images / (time.perf_counter() - t0)
+            logging.info("latents: part %d of %d written, %.1f images/s, ETA %.0f s", k + 1, n_parts, rate,
+                         (len(todo) - j - 1) * c.part_batches * d.batch_size / rate)
         multihost_utils.sync_global_devices("latents written")
         if pid == 0:
             if given is None:
                 latents_lib.write_stats(workdir, shape, dtype, c.stats_samples, seed=config.seed)
             else:  # e.g. the release's latents_stats.pt: the DiT normalizes as the released one did
-                np.savez(os.path.join(workdir, latents_lib.STATS), mean=given[0], std=given[1])
-            meta = dict(shape=list(shape), dtype=dtype.name, tokenizer=os.path.abspath(c.tokenizer),
+                with paths.open_file(paths.join(workdir, latents_lib.STATS), "wb") as f:
+                    np.savez(f, mean=given[0], std=given[1])
+            tokenizer = c.tokenizer if hub.is_hub_id(c.tokenizer) else paths.resolve(c.tokenizer)
+            meta = dict(shape=list(shape), dtype=dtype.name, tokenizer=tokenizer,
                         num_classes=_num_classes(d), image_size=d.image_size, records=latents_lib.count_records(workdir),
-                        stats=os.path.abspath(c.stats) if c.stats else "")
-            with open(os.path.join(workdir, latents_lib.META), "w") as f:
-                json.dump(meta, f, indent=1)
+                        stats=paths.resolve(c.stats) if c.stats else "")
+            paths.write_json(paths.join(workdir, latents_lib.META), meta, indent=1)
         multihost_utils.sync_global_devices("latents stats written")
     return workdir
 

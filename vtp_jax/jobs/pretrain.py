@@ -9,7 +9,6 @@ release-format export); `vtp_jax.train.runner` does the rest.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import flax
@@ -22,7 +21,7 @@ import optax
 from absl import logging
 
 from vtp_jax import config as config_lib
-from vtp_jax import images, objectives, sharding
+from vtp_jax import images, objectives, paths, sharding
 from vtp_jax.checkpoints import released, tokenizers
 from vtp_jax.data import pipeline, tokenizer
 from vtp_jax.models.vtp import VTP
@@ -88,7 +87,7 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
 
 def lpips_errors(config) -> list[str]:
     o = config.objectives
-    if o.l_rec > 0 and o.lpips_weight and not os.path.exists(o.lpips_params):
+    if o.l_rec > 0 and o.lpips_weight and not paths.exists(o.lpips_params):
         return [f"objectives.lpips_weight={o.lpips_weight} but objectives.lpips_params={o.lpips_params!r} does not "
                 "exist: convert the VGG16 + LPIPS weights with `python -m vtp_jax.checkpoints.torch_convert lpips` "
                 "(see README) or set objectives.lpips_weight=0"]

@@ -17,7 +17,6 @@ after] rows to W/reconstructions; the end writes W/export (same encoder, new dec
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import flax
@@ -28,7 +27,7 @@ import optax
 from absl import logging
 
 from vtp_jax import config as config_lib
-from vtp_jax import images, objectives, sharding
+from vtp_jax import images, objectives, paths, sharding
 from vtp_jax.checkpoints import tokenizers
 from vtp_jax.data import pipeline
 from vtp_jax.models.discriminator import PatchDiscriminator
@@ -91,7 +90,7 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
                     f"and the {n_processes} processes")
     if d.batch_clip < d.batch_rec:
         errs.append(f"data.batch_clip={d.batch_clip} < data.batch_rec={d.batch_rec}: records are read batch_clip at a time")
-    if s.lpips_weight and not os.path.exists(s.lpips_params):
+    if s.lpips_weight and not paths.exists(s.lpips_params):
         errs.append(f"stage2.lpips_weight={s.lpips_weight} but stage2.lpips_params={s.lpips_params!r} does not exist "
                     "(README: LPIPS weights) or set stage2.lpips_weight=0")
     return errs

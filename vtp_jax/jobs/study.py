@@ -21,9 +21,7 @@ seeds and its spread), W/study_runs.csv (every run), W/study.md, W/study.png and
 from __future__ import annotations
 
 import csv
-import json
-import os
-import shutil
+import io
 import time
 
 import jax
@@ -35,7 +33,7 @@ from absl import logging
 from flax import serialization
 
 from vtp_jax import config as config_lib
-from vtp_jax import images
+from vtp_jax import images, paths
 from vtp_jax.data import procedural
 from vtp_jax.jobs import dit, evaluate, extract_latents, pretrain
 from vtp_jax.models.classifier import DomainClassifier
@@ -99,10 +97,10 @@ def _render(seed: int, n: int, size: int):
 def train_classifier(c: ml_collections.ConfigDict, folder: str) -> tuple[str, float]:
     """Trains (or reloads) the domain classifier; returns (params file, accuracy on held-out real
     images). Adam on rendered single-object images; colour / shape are all it needs to see."""
-    path, info = os.path.join(folder, "classifier.msgpack"), os.path.join(folder, "classifier.json")
-    if os.path.isfile(path) and os.path.isfile(info):
-        return path, json.load(open(info))["accuracy"]
-    os.makedirs(folder, exist_ok=True)
+    path, info = paths.join(folder, "classifier.msgpack"), paths.join(folder, "classifier.json")
+    if paths.isfile(path) and paths.isfile(info):
+        return path, paths.read_json(info)["accuracy"]
+    paths.makedirs(folder)
     net = DomainClassifier(64, c.width)
     x, y = _render(c.seed, c.num_train, c.image_size)
     xv, yv = _render(c.seed + 1, c.num_val, c.image_size)
@@ -130,9 +128,8 @@ def train_classifier(c: ml_collections.ConfigDict, folder: str) -> tuple[str, fl
     correct = sum(int(np.sum(np.asarray(predict(params, xv[i:i + 256])) == yv[i:i + 256]))
                   for i in range(0, len(xv), 256))
     accuracy = correct / len(xv)
-    with open(path, "wb") as f:
-        f.write(serialization.msgpack_serialize(jax.device_get(params)))
-    json.dump({"accuracy": accuracy, "num_val": len(xv)}, open(info, "w"))
+    paths.write_bytes(path, serialization.msgpack_serialize(jax.device_get(params)))
+    paths.write_json(info, {"accuracy": accuracy, "num_val": len(xv)})
     logging.info("domain classifier: %.4f top-1 on %d held-out real images", accuracy, len(xv))
     return path, accuracy
 
@@ -141,7 +138,7 @@ def reconstruction_accuracy(export: str, classifier: str, seed: int, n: int, siz
     """The domain classifier's top-1 on a tokenizer's reconstructions of n real images: the
     ceiling of gen_accuracy (a DiT that matched the latent distribution exactly would decode to
     images like these), so the generation scores mean something only where it is well above chance."""
-    params = serialization.msgpack_restore(open(classifier, "rb").read())
+    params = serialization.msgpack_restore(paths.read_bytes(classifier))
     net = DomainClassifier(64, params["conv0_0"]["kernel"].shape[-1])
     tokenizer = load_pretrained(export)
     x, y = _render(seed, n, size)
@@ -189,20 +186,20 @@ def extract_config(dit_config: ml_collections.ConfigDict) -> ml_collections.Conf
 
 
 def _done(workdir: str) -> bool:
-    return os.path.isfile(os.path.join(workdir, "metrics.json"))
+    return paths.isfile(paths.join(workdir, "metrics.json"))
 
 
 def run_one(s, variant: str, seed: int, classifier: str, root: str) -> dict:
     """One tokenizer through pre-training, evaluation, latents and its DiT; returns its row."""
-    d = os.path.join(root, "runs", f"{variant}_s{seed}")
+    d = paths.join(root, "runs", f"{variant}_s{seed}")
     t0 = time.time()
-    tok_dir, eval_dir, dit_dir = (os.path.join(d, n) for n in ("tokenizer", "eval", "dit"))
-    if not os.path.isdir(os.path.join(tok_dir, "export")):
+    tok_dir, eval_dir, dit_dir = (paths.join(d, n) for n in ("tokenizer", "eval", "dit"))
+    if not paths.isdir(paths.join(tok_dir, "export")):
         runner.run(pretrain, tokenizer_config(s, variant, seed), tok_dir)
-    export = os.path.join(tok_dir, "export")
+    export = paths.join(tok_dir, "export")
     if not _done(eval_dir):
         runner.run(evaluate, eval_config(s, export), eval_dir)
-    val_latents = os.path.join(d, "val_latents")
+    val_latents = paths.join(d, "val_latents")
     lat = s.dit.copy_and_resolve_references()
     lat.latents.tokenizer = export
     lat.latents.data.procedural_seed += 1  # the validation stream: seed + 1, unseen in training
@@ -210,18 +207,18 @@ def run_one(s, variant: str, seed: int, classifier: str, root: str) -> dict:
     runner.run(extract_latents, extract_config(lat), val_latents)
     if not _done(dit_dir):
         runner.run(dit, dit_config(s, export, seed, classifier, val_latents), dit_dir)
-    ceiling = os.path.join(eval_dir, "recon_accuracy.json")
-    if not os.path.isfile(ceiling):
+    ceiling = paths.join(eval_dir, "recon_accuracy.json")
+    if not paths.isfile(ceiling):
         held_out = s.classifier.seed + 1  # the classifier's validation stream, unseen by it and the tokenizers
         acc = reconstruction_accuracy(export, classifier, held_out, s.classifier.num_val, s.tokenizer.data.image_size)
-        json.dump({"recon_accuracy": acc}, open(ceiling, "w"))
-    ev, gen = json.load(open(os.path.join(eval_dir, "metrics.json"))), json.load(open(os.path.join(dit_dir, "metrics.json")))
-    grids = sorted(os.listdir(os.path.join(dit_dir, "samples")))
-    shutil.copy(os.path.join(dit_dir, "samples", grids[-1]), os.path.join(root, f"samples_{variant}_s{seed}.png"))
+        paths.write_json(ceiling, {"recon_accuracy": acc})
+    ev, gen = paths.read_json(paths.join(eval_dir, "metrics.json")), paths.read_json(paths.join(dit_dir, "metrics.json"))
+    grids = sorted(paths.listdir(paths.join(dit_dir, "samples")))
+    paths.write_bytes(paths.join(root, f"samples_{variant}_s{seed}.png"), paths.read_bytes(paths.join(dit_dir, "samples", grids[-1])))
     return {"variant": variant, "seed": seed, "psnr": ev["psnr"], "ssim": ev["ssim"], "lpips": ev.get("lpips", np.nan),
             "linear_probe_top1": ev["linear_probe/top1"], "knn_top1": ev["knn/top1"],
             "zero_shot_top1": ev.get("zero_shot/top1", np.nan),  # no text tower: not measurable
-            "recon_accuracy": json.load(open(ceiling))["recon_accuracy"],
+            "recon_accuracy": paths.read_json(ceiling)["recon_accuracy"],
             "gen_accuracy": gen["generation_classes/accuracy"], "gen_frechet": gen["generation_classes/frechet"],
             "dit_val_loss": gen["val_loss/loss"], "minutes": (time.time() - t0) / 60}
 
@@ -232,12 +229,12 @@ def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     s = config.study
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     if not jax.config.jax_compilation_cache_dir:  # the runs compile many identical programs: once is enough
-        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "compile_cache"))
+        jax.config.update("jax_compilation_cache_dir", paths.join(workdir, "compile_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     t0 = time.time()
-    classifier, accuracy = train_classifier(s.classifier, os.path.join(workdir, "classifier"))
+    classifier, accuracy = train_classifier(s.classifier, paths.join(workdir, "classifier"))
     rows = [run_one(s, v, seed, classifier, workdir) for seed in s.seeds for v in s.variants]
     write_outputs(workdir, rows, accuracy, (time.time() - t0) / 60, config)
     return rows
@@ -264,10 +261,11 @@ def _write_csv(path, rows):
     def cell(v):
         return "n/a" if isinstance(v, float) and np.isnan(v) else v
 
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows({k: cell(v) for k, v in r.items()} for r in rows)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows({k: cell(v) for k, v in r.items()} for r in rows)
+    paths.write_text(path, text.getvalue())
 
 
 def findings(summary: list[dict]) -> list[str]:
@@ -307,9 +305,9 @@ def findings(summary: list[dict]) -> list[str]:
 
 def write_outputs(workdir: str, rows: list[dict], classifier_accuracy: float, minutes: float, config):
     summary = summarize(rows)
-    _write_csv(os.path.join(workdir, "study_runs.csv"), rows)
-    _write_csv(os.path.join(workdir, "study.csv"), summary)
-    plot(os.path.join(workdir, "study.png"), summary)
+    _write_csv(paths.join(workdir, "study_runs.csv"), rows)
+    _write_csv(paths.join(workdir, "study.csv"), summary)
+    plot(paths.join(workdir, "study.png"), summary)
     header = "| tokenizer | " + " | ".join(COLUMNS) + " |"
     table = [header, "|" + "---|" * (len(COLUMNS) + 1)]
     for r in summary:
@@ -330,8 +328,7 @@ def write_outputs(workdir: str, rows: list[dict], classifier_accuracy: float, mi
         "tokenizer's own latents, normalized per channel: comparable in scale, not in meaning).", "",
         "## The paper's claims, checked", "", *findings(summary), "",
     ]
-    with open(os.path.join(workdir, "study.md"), "w") as f:
-        f.write("\n".join(text))
+    paths.write_text(paths.join(workdir, "study.md"), "\n".join(text))
 
 
 def plot(path: str, summary: list[dict]):
@@ -352,5 +349,7 @@ def plot(path: str, summary: list[dict]):
     axes[1].set(xlabel="reconstruction: PSNR (dB)", ylabel="domain Frechet distance (lower: better)",
                 title="generation vs reconstruction")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    paths.write_bytes(path, png.getvalue())
     plt.close(fig)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
+import io
 import signal
+import tempfile
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -31,9 +31,9 @@ from jax.extend import core as jax_core
 from PIL import Image
 
 from vtp_jax import config as config_lib
-from vtp_jax import images, sharding
-from vtp_jax.data import pipeline
+from vtp_jax import images, paths, sharding
 from vtp_jax.evals import evaluator
+from vtp_jax.train import checkpointing
 
 # Dense bf16 peak FLOP/s per device (vendor figures), by jax device_kind substring.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
@@ -100,6 +100,17 @@ class Trainer:
         return self.job.consts
 
 
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The run's mesh (train.mesh, train.dcn_mesh) on this machine's devices; one that does not
+    fit them is a ConfigError naming the fields."""
+    t = config.train
+    try:
+        return sharding.make_mesh(t.mesh, dcn=t.get("dcn_mesh"))
+    except ValueError as e:
+        raise ConfigError(f"train.mesh={tuple(t.mesh)}, train.dcn_mesh={tuple(t.get('dcn_mesh', (1, 1, 1)))} on "
+                          f"{jax.device_count()} devices in {jax.process_count()} process(es): {e}") from None
+
+
 def validate(job_module, config: ml_collections.ConfigDict, n_batch_shards: int, n_processes: int = 1):
     """Every problem of the config in one message, each on its own line (before any compile)."""
     try:
@@ -107,6 +118,7 @@ def validate(job_module, config: ml_collections.ConfigDict, n_batch_shards: int,
     except ValueError as e:
         raise ConfigError(str(e)) from None
     errs = job_module.validate(config, n_batch_shards, n_processes) + evaluator.validate(config)
+    errs += config_lib.value_errors(config)
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
 
@@ -169,7 +181,7 @@ def _jaxpr_flops(jaxpr) -> float:
 def build(job_module, config: ml_collections.ConfigDict, mesh=None, workdir: str | None = None) -> Trainer:
     """Validates the config, then builds the job, the mesh, the sharded state layout (every leaf
     from its logical axis names) and the jitted step. Call `init` / `step` inside `with scope(trainer)`."""
-    mesh = mesh or sharding.make_mesh(config.train.mesh)
+    mesh = mesh or make_mesh(config)
     validate(job_module, config, sharding.batch_size_of(mesh), jax.process_count())
     job = job_module.make_job(config.copy_and_resolve_references(), mesh, workdir)
     config = job.config
@@ -210,25 +222,17 @@ class Preemption:
         return self.requested or (jax.process_count() > 1 and manager.reached_preemption(step))
 
 
-def _save(manager, step, state, data_iter):
-    items = dict(state=ocp.args.StandardSave(state))
-    if data_iter is not None:
-        items["data"] = pipeline.checkpoint_save_args(data_iter)
-    manager.save(step, args=ocp.args.Composite(**items))
-
-
-def _restore(manager, step, abstract_state, data_iter):
-    items = dict(state=ocp.args.StandardRestore(abstract_state))
-    if data_iter is not None:
-        items["data"] = pipeline.checkpoint_restore_args(data_iter)
-    return manager.restore(step, args=ocp.args.Composite(**items))["state"]
-
-
 def run(job_module, config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the job until config.train.steps; returns the last logged metrics (host floats) and
-    the last evaluation's results."""
-    workdir = os.path.abspath(workdir)
-    mesh = sharding.make_mesh(config.train.mesh)
+    the last evaluation's results. The workdir is locked for the run (W/LOCK): a second run on it
+    refuses to start."""
+    workdir = paths.resolve(workdir)
+    with checkpointing.WorkdirLock(workdir) as lock:
+        return _run(job_module, config, workdir, lock)
+
+
+def _run(job_module, config: ml_collections.ConfigDict, workdir: str, lock: checkpointing.WorkdirLock) -> dict:
+    mesh = make_mesh(config)
     tr = build(job_module, config, mesh, workdir)
     config, mesh, job = tr.config, tr.mesh, tr.job
     if job.run is not None:
@@ -239,25 +243,31 @@ def run(job_module, config: ml_collections.ConfigDict, workdir: str) -> dict:
     rng = jax.random.key(config.seed)
     with scope(tr):
         data_iter = job.data() if job.data is not None and steps else None
-        manager = ocp.CheckpointManager(
-            os.path.join(workdir, "checkpoints"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints, enable_async_checkpointing=True,
-                                                 create=True))
-        latest = manager.latest_step() if steps else None
-        if latest is not None:
+        manager = checkpointing.Checkpoints(paths.join(workdir, "checkpoints"), t.keep_checkpoints, lock=lock,
+                                            guard=checkpointing.DivergenceGuard(t.divergence_factor, job.eval_params))
+        latest = None
+        if job.step is not None and manager.all_steps():  # the newest step that verifies (falls back)
             abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                           jax.eval_shape(tr.init, rng), tr.shardings)
-            state = _restore(manager, latest, abstract_state, data_iter)
-            logging.info("restored step %d from %s", latest, manager.directory)
-        else:
+            latest, state = manager.restore(abstract_state, data_iter, config, paths.join(workdir, "config.json"))
+            logging.info("restored step %s from %s", latest, manager.directory)
+        if job.step is not None and (latest if latest is not None else 0) >= steps:
+            logging.warning("nothing to do: the workdir is at step %d and train.steps=%d; checkpoints and export/ "
+                            "left untouched", latest or 0, steps)
+            return {}
+        if latest is None:
             state = tr.init(rng)
             if job.start is not None:
                 state = job.start(state)
+        if job.step is not None:
+            manager.begin(state)
 
-        writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+        events = Events(workdir)
+        # TensorBoard gets every scalar; the log gets one readable line per log step (`log_line`).
+        writer = (metric_writers.AsyncWriter(metric_writers.SummaryWriter(events.logdir))
+                  if jax.process_index() == 0 else metric_writers.MultiWriter([]))
         if jax.process_index() == 0:  # what the eval job and the study read back
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=1))
+            paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
         if latest is None:
             writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
             if job.step is not None:
@@ -276,18 +286,19 @@ def run(job_module, config: ml_collections.ConfigDict, workdir: str) -> dict:
                     logging.info("evaluator %s at step %d took %.1f s", name, step, time.perf_counter() - t0)
             if out:
                 writer.write_scalars(step, out)
+                logging.info("step %d evaluation: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in sorted(out.items())))
             return out
 
         preempt = Preemption()
         hooks = [periodic_actions.ReportProgress(num_train_steps=steps, writer=writer)]
         if t.profile_steps and jax.process_index() == 0:
-            hooks.append(periodic_actions.Profile(num_profile_steps=t.profile_steps, logdir=workdir,
+            hooks.append(periodic_actions.Profile(num_profile_steps=t.profile_steps, logdir=events.logdir,
                                                   first_profile=start + 3))
         job_hooks = [periodic_actions.PeriodicCallback(every_steps=h.every, on_steps=[steps],
                                                        callback_fn=lambda step, t, fn=h.fn, **kw: fn(step, **kw))
                      for h in job.hooks if h.every]
         if t.eval_at_start and start == 0 and steps:  # the "before" numbers (W/metrics_start.json)
-            _write_json(os.path.join(workdir, "metrics_start.json"), evaluate(0, all_of_them=True))
+            _write_json(paths.join(workdir, "metrics_start.json"), evaluate(0, all_of_them=True))
         metrics, compiled, flops, peak, last_t = {}, None, float("nan"), float("nan"), None
         for step in range(start, steps):
             batch = sharding.global_batch(next(data_iter), mesh) if data_iter is not None else None
@@ -298,6 +309,7 @@ def run(job_module, config: ml_collections.ConfigDict, workdir: str) -> dict:
                 logging.info("train step: %.3g matmul FLOPs per step, peak %.3g FLOP/s", flops, peak)
                 last_t = time.perf_counter()
             state, metrics = compiled(state, batch, job.consts)
+            manager.observe(metrics)
             done = step + 1
             for h in hooks:
                 h(done)
@@ -309,30 +321,63 @@ def run(job_module, config: ml_collections.ConfigDict, workdir: str) -> dict:
                 step_time = (now - last_t) / (done - max(start, done - t.log_every))
                 last_t = now
                 metrics["mfu"] = flops / step_time / peak
+                metrics["step_time"] = step_time
                 if hasattr(data_iter, "counters"):
                     metrics.update({f"data/{k}": v for k, v in data_iter.counters().items()})
                 writer.write_scalars(done, metrics)
+                logging.info("%s", log_line(done, steps, metrics))
                 if metrics.get("nonfinite_in_a_row", 0) >= t.max_nonfinite:
                     raise FloatingPointError(
                         f"{int(metrics['nonfinite_in_a_row'])} non-finite steps in a row at step {done} (limit "
-                        f"train.max_nonfinite={t.max_nonfinite}); last finite checkpoint: {manager.latest_step()}")
+                        f"train.max_nonfinite={t.max_nonfinite}); newest (healthy) checkpoint: {manager.latest_step()}")
             results.update(evaluate(done) if done < steps else {})
             if preempt.reached(done, manager):
-                _save(manager, done, state, data_iter)
+                saved = manager.save(done, state, data_iter)
                 manager.wait_until_finished()
-                logging.warning("preempted: checkpoint at step %d saved, exiting", done)
+                logging.warning("preempted: checkpoint at step %d %s, exiting", done, "saved" if saved else "not saved")
                 writer.flush()
+                events.sync()
                 raise SystemExit(0)
             if done % t.checkpoint_every == 0 or done == steps:
-                _save(manager, done, state, data_iter)
+                manager.save(done, state, data_iter, final=done == steps)
+                writer.flush()
+                events.sync()
         manager.wait_until_finished()
         results.update(evaluate(steps))
         if results:
-            _write_json(os.path.join(workdir, "metrics.json"), results)
+            _write_json(paths.join(workdir, "metrics.json"), results)
         if job.export is not None:
-            job.export(state, os.path.join(workdir, "export"))
+            job.export(state, paths.join(workdir, "export"))
         writer.flush()
+        events.sync()
     return {**metrics, **results}
+
+
+def log_line(step: int, steps: int, metrics: dict) -> str:
+    """'step 300/300: loss .. l_clip .. | lr .. step_time .. mfu .. | the rest': the losses first,
+    then the schedule and speed, then diagnostics; data counters only when non-zero (TensorBoard
+    has them all)."""
+    losses = [k for k in metrics if k == "loss" or k.startswith("l_")]
+    speed = [k for k in ("lr", "step_time", "mfu") if k in metrics]
+    rest = sorted(k for k in metrics if k not in losses and k not in speed
+                  and not (k.startswith("data/") and metrics[k] == 0))
+    groups = [sorted(losses, key=lambda k: (k != "loss", k)), speed, rest]
+    return f"step {step}/{steps}: " + " | ".join(", ".join(f"{k} {metrics[k]:.4g}" for k in g) for g in groups if g)
+
+
+class Events:
+    """Where TensorBoard events and profiles go: the workdir itself when it is local; for a remote
+    one (gs://) a local folder copied into it at every checkpoint and at the end, since TensorFlow's
+    writer has its own gs:// client (its credentials chain, no emulator) rather than the path layer.
+    Process 0 copies."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.logdir = tempfile.mkdtemp(prefix="vtp_jax_events_") if paths.is_remote(workdir) else workdir
+
+    def sync(self) -> None:
+        if self.logdir != self.workdir and jax.process_index() == 0:
+            paths.sync_folder(self.logdir, self.workdir)
 
 
 def write_images(writer, workdir: str, step: int, name: str, rows) -> None:
@@ -341,8 +386,9 @@ def write_images(writer, workdir: str, step: int, name: str, rows) -> None:
     rows = np.asarray(rows)
     writer.write_images(step, {name: rows})
     if jax.process_index() == 0:
-        os.makedirs(os.path.join(workdir, name), exist_ok=True)
-        Image.fromarray(np.concatenate(list(rows), 0)).save(os.path.join(workdir, name, f"{step:07d}.png"))
+        png = io.BytesIO()
+        Image.fromarray(np.concatenate(list(rows), 0)).save(png, format="PNG")
+        paths.write_bytes(paths.join(workdir, name, f"{step:07d}.png"), png.getvalue())
 
 
 def write_image_rows(writer, workdir: str, step: int, name: str, *columns, n: int = 8) -> None:
@@ -354,5 +400,4 @@ def write_image_rows(writer, workdir: str, step: int, name: str, *columns, n: in
 
 def _write_json(path, metrics):
     if jax.process_index() == 0 and metrics:
-        with open(path, "w") as f:
-            json.dump({k: float(v) for k, v in metrics.items()}, f, indent=1, sort_keys=True)
+        paths.write_json(path, {k: float(v) for k, v in metrics.items()}, indent=1, sort_keys=True)
