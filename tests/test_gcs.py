@@ -105,14 +105,15 @@ def test_train_kill_resume_export_and_eval_all_on_gcs(gcs, tmp_path):
     # kill -9 once the step-2 checkpoint is in the bucket, then resume to the end.
     first = _main(env, cwd, *train)
     deadline = time.time() + 900
-    while "2/state/_METADATA" not in _listing_or_none(listing, "run/checkpoints"):
+    while "2/commit_success.txt" not in _listing_or_none(listing, "run/checkpoints"):  # a finished step
         assert first.poll() is None, first.communicate()[0][-4000:]
         assert time.time() < deadline, "no checkpoint reached the bucket"
         time.sleep(1)
     first.send_signal(signal.SIGKILL)
     assert first.wait() == -signal.SIGKILL, "the run ended before the kill: raise STEPS"
     out = _finish(_main(env, cwd, *train))
-    assert "restored step" in out and "taking over the stale lock" in out
+    assert "restored step" in out and "taking over the stale lock" in out, "\n".join(
+        line for line in out.splitlines() if "runner.py" in line or "checkpointing.py" in line)[-3000:]
 
     files = listing("run")
     assert "config.json" in files and "metrics.json" not in files  # no evaluators in the tiny config

@@ -72,9 +72,9 @@ def _jitted(model: VTP, method: str, layers: tuple):
 def load_pretrained(folder: str, dtype=jnp.float32, allow_nonfinite: bool = False) -> Pretrained:
     """A released VTP folder (config.json + model.safetensors, float32 or bfloat16), local, gs://
     or a Hugging Face hub id ("MiniMaxAI/VTP-Large-f16d64"). `dtype=jnp.bfloat16` computes (and
-    holds the weights) in bfloat16: about 2x faster on accelerators, latents within ~1% of
-    float32 (benchmarks/RESULTS.md). Weights with NaN or inf raise a CheckpointError naming them
-    unless `allow_nonfinite`."""
+    holds the weights) in bfloat16, for accelerators' bf16 units and half the memory: latents within
+    0.7% (relative L2) of float32's on the demo tokenizer (benchmarks/RESULTS.md). Weights with
+    NaN or inf raise a CheckpointError naming them unless `allow_nonfinite`."""
     config, params = released.load_release(folder, allow_nonfinite=allow_nonfinite)
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.float32, jnp.bfloat16):

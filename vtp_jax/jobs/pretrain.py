@@ -81,6 +81,9 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
         errs.append("objectives.l_rec > 0 needs a pixel decoder (model.decoder.depth > 0)")
     if o.centering not in ("centering", "sinkhorn_knopp"):
         errs.append(f"objectives.centering={o.centering!r}: expected 'centering' or 'sinkhorn_knopp'")
+    if d.source == "array_record" and not d.paths:
+        errs.append("data.paths is empty: give the ArrayRecord shards (--config.data.paths='gs://bucket/data/*.array_record'; "
+                    "docs/data.md makes them)")
     errs += lpips_errors(config)
     return errs
 
