@@ -101,6 +101,6 @@ def missing_weights(name: str, what: str, path: str, field: str) -> bool:
     """True (and a warning saying how to get them) when an optional metric's weights are absent."""
     if path and paths.isfile(path):
         return False
-    logging.warning("%s: no %s weights (%s=%r): that metric is skipped, the others still run. See README "
-                    "'Evaluation' for how to convert them.", name, what, field, path)
+    logging.warning("%s: no %s weights (%s=%r): that metric is skipped, the others still run. See docs/evaluation.md "
+                    "for how to convert them.", name, what, field, path)
     return True

@@ -93,7 +93,7 @@ def lpips_errors(config) -> list[str]:
     if o.l_rec > 0 and o.lpips_weight and not paths.exists(o.lpips_params):
         return [f"objectives.lpips_weight={o.lpips_weight} but objectives.lpips_params={o.lpips_params!r} does not "
                 "exist: convert the VGG16 + LPIPS weights with `python -m vtp_jax.checkpoints.torch_convert lpips` "
-                "(see README) or set objectives.lpips_weight=0"]
+                "(docs/training.md, \"LPIPS weights\") or set objectives.lpips_weight=0"]
     return []
 
 

@@ -92,7 +92,7 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
         errs.append(f"data.batch_clip={d.batch_clip} < data.batch_rec={d.batch_rec}: records are read batch_clip at a time")
     if s.lpips_weight and not paths.exists(s.lpips_params):
         errs.append(f"stage2.lpips_weight={s.lpips_weight} but stage2.lpips_params={s.lpips_params!r} does not exist "
-                    "(README: LPIPS weights) or set stage2.lpips_weight=0")
+                    "(docs/training.md: LPIPS weights) or set stage2.lpips_weight=0")
     return errs
 
 
