@@ -91,6 +91,10 @@ def test_resumed_run_is_byte_identical(sampled, tmp_path):
     assert os.path.getmtime(first) == 0  # a finished part is skipped
     again, labels_again = load_npz(workdir)
     assert again.tobytes() == images.tobytes() and np.array_equal(labels_again, labels)
+    # a rerun of a finished workdir leaves it alone
+    os.utime(os.path.join(workdir, "samples.npz"), (0, 0))
+    jobs.run(sample_config(json.load(open(os.path.join(workdir, "parts", "settings.json")))["checkpoint"]), workdir)
+    assert os.path.getmtime(os.path.join(workdir, "samples.npz")) == 0
     # a rerun with other settings refuses to mix its samples with these
     with pytest.raises(runner.ConfigError, match=r"other settings \(cfg_scale: 1.0 -> 2.0\)"):
         jobs.run(sample_config(json.load(open(os.path.join(workdir, "parts", "settings.json")))["checkpoint"],
@@ -116,6 +120,7 @@ def test_images_are_the_dit_generators_on_the_same_noise(trained, sampled):
     with runner.scope_of(mesh):
         x = np.asarray(g.images(ema, noise, labels[idx]))
     want = np.floor(255 * x).astype(np.uint8)
+    # another mesh (1 device, not 2) may round a float differently: a level of 255 at most, rarely
     diff = np.abs(want.astype(int) - images[idx])
     assert diff.max() <= 1 and np.mean(diff == 0) > 0.999, (diff.max(), np.mean(diff == 0))
     # the job's batched noise is the per-sample noise, whatever the batch
@@ -150,8 +155,7 @@ def test_official_checkpoint_needs_tokenizer_and_stats_then_matches(trained, sam
     images, labels = load_npz(out)
     want, want_labels = load_npz(sampled)
     np.testing.assert_array_equal(labels, want_labels)
-    diff = np.abs(images.astype(int) - want)
-    assert diff.max() <= 1 and np.mean(diff == 0) > 0.999, (diff.max(), np.mean(diff == 0))
+    np.testing.assert_array_equal(images, want)  # the same params, noise, statistics and decoder
     # the .safetensors / .npz forms of the same state dict load to the same params
     np.savez(tmp_path / "sd.npz", **sd)
     back = sample.read_official_state_dict(str(tmp_path / "sd.npz"))

@@ -145,7 +145,8 @@ def restore_ema_params(workdir: str, mesh):
     folder = paths.join(workdir, "checkpoints")
     steps = sorted(ocp.CheckpointManager(folder).all_steps(), reverse=True)
     if not steps:
-        raise FileNotFoundError(f"{folder} holds no checkpoint: sample.checkpoint={workdir} is not a trained dit workdir")
+        raise FileNotFoundError(f"{folder} holds no checkpoint: sample.checkpoint={workdir} is not a trained dit "
+                                "workdir")
     replicated, problems = sharding.replicated(mesh), []
     for step in steps:
         path = paths.join(folder, str(step), "state")
@@ -162,7 +163,8 @@ def restore_ema_params(workdir: str, mesh):
         except released.CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001  orbax / TensorStore raise many types on damaged files
-            problems.append(f"step {step}: cannot be read ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})")
+            said = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            problems.append(f"step {step}: cannot be read ({said})")
             logging.error("sample: checkpoint %s", problems[-1])
             continue
         problem = _verify_ema(paths.join(folder, str(step)), out)
@@ -256,8 +258,9 @@ def load(config: ml_collections.ConfigDict, mesh) -> tuple[dit.Generator, object
             sampler[k] = s[k]
     mean, std, tok_model, tok_params = dit.load_generator_parts(c, meta, mesh)
     if tok_model.config.latent_dim != model.in_channels:
-        raise runner.ConfigError(f"the tokenizer {c.dit.tokenizer or meta['tokenizer']} has {tok_model.config.latent_dim}"
-                                 f"-channel latents, the DiT of sample.checkpoint={s.checkpoint} {model.in_channels}")
+        raise runner.ConfigError(f"the tokenizer {c.dit.tokenizer or meta['tokenizer']} has "
+                                 f"{tok_model.config.latent_dim}-channel latents, the DiT of "
+                                 f"sample.checkpoint={s.checkpoint} {model.in_channels}")
     generator = dit.Generator(model, sampler, mean, std, multiplier, tok_model, tok_params, latent_shape=meta["shape"])
     tokenizer = c.dit.tokenizer or meta["tokenizer"]
     settings = dict(
@@ -292,7 +295,8 @@ def sample_noise(seed: int, indices, shape) -> np.ndarray:
     return np.asarray(_noise(jax.random.key(seed), jnp.asarray(indices, jnp.uint32), tuple(shape)))
 
 
-_quantize = jax.jit(lambda x: jnp.floor(255 * x).astype(jnp.uint8))  # [0, 1] -> uint8, truncated (as gFID's)
+# [0, 1] -> uint8, truncated: floor(255 x), as the gFID evaluator quantises the samples it scores.
+_quantize = jax.jit(lambda x: jnp.floor(255 * x.astype(jnp.float32)).astype(jnp.uint8))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,19 +316,30 @@ def _write_whole(path: str, data: bytes) -> None:
         paths.rename(path + ".tmp", path)
 
 
-def _check_settings(workdir: str, settings: dict) -> None:
-    """W/parts/settings.json: written by the first run, compared by every rerun."""
+def _progress(workdir: str, settings: dict, n_parts: int) -> tuple[np.ndarray, bool]:
+    """(which parts exist, whether samples.npz does), as process 0 (the writer) sees the workdir.
+    W/parts/settings.json is written by the first run and compared by every rerun: parts made with
+    other settings are a ConfigError on every process, not mixed in."""
     path = paths.join(workdir, PARTS, SETTINGS)
     settings = json.loads(json.dumps(settings))
-    if paths.isfile(path):
-        old = paths.read_json(path)
-        diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(old.keys() | settings.keys())
-                if old.get(k) != settings.get(k)]
-        if diff:
-            raise runner.ConfigError(f"{paths.join(workdir, PARTS)} holds samples made with other settings ("
-                                     f"{'; '.join(diff)}): sample into another workdir, or delete that folder")
-    elif jax.process_index() == 0:
-        paths.write_json(path, settings, indent=1, sort_keys=True)
+    diff, done, complete = [], np.zeros(n_parts, bool), False
+    if jax.process_index() == 0:
+        if paths.isfile(path):
+            old = paths.read_json(path)
+            diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(old.keys() | settings.keys())
+                    if old.get(k) != settings.get(k)]
+        else:
+            paths.write_json(path, settings, indent=1, sort_keys=True)
+        done = np.array([paths.isfile(part_path(workdir, k)) for k in range(n_parts)])
+        complete = paths.isfile(paths.join(workdir, SAMPLES))
+    bad = len(diff)
+    if jax.process_count() > 1:
+        bad, done, complete = multihost_utils.broadcast_one_to_all((np.int32(bad), done, np.bool_(complete)))
+    if bad:
+        raise runner.ConfigError(f"{paths.join(workdir, PARTS)} holds samples made with other settings ("
+                                 f"{'; '.join(diff) if diff else 'see the log of process 0'}): sample into another "
+                                 "workdir, or delete that folder")
+    return np.asarray(done, bool), bool(complete)
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
@@ -334,14 +349,17 @@ def sample(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     n, bs, ps = s.num_samples, s.batch_size, s.part_size
     generator, params, settings = load(config, mesh)
     labels = class_labels(s.labels, n, generator.num_classes, s.seed)
-    _check_settings(workdir, settings)
     n_parts = -(-n // ps)
-    done = np.array([paths.isfile(part_path(workdir, k)) for k in range(n_parts)])
-    if jax.process_count() > 1:  # process 0 writes the parts: its view decides
-        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+    done, complete = _progress(workdir, settings, n_parts)
     todo = [k for k in range(n_parts) if not done[k]]
-    logging.info("sample: %d samples (%s labels, %d classes) of %s in %d part(s) of %d; %d already in %s", n, s.labels,
-                 generator.num_classes, s.checkpoint, n_parts, ps, n_parts - len(todo), paths.join(workdir, PARTS))
+    if not todo and complete:
+        logging.warning("sample: nothing to do: %s is complete (all %d parts made)", paths.join(workdir, SAMPLES),
+                        n_parts)
+        return {"num_samples": float(n)}
+    logging.info("sample: %d samples (%s labels, %d classes) of %s (step %s) in %d part(s) of %d, %d already in %s; "
+                 "sampler %s", n, s.labels, generator.num_classes, s.checkpoint, settings["step"], n_parts, ps,
+                 n_parts - len(todo), paths.join(workdir, PARTS),
+                 ", ".join(f"{k}={settings[k]}" for k in SAMPLER_FIELDS))
     place = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim))  # noqa: E731
     t0, made, rate = time.perf_counter(), 0, float("nan")
     for j, k in enumerate(todo):
