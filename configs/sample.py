@@ -15,10 +15,10 @@ is a preview grid. Resumable: the samples are made in parts (W/parts/part-<k>.np
 samples each) and a rerun of the same command continues after the last finished part, with the
 same images as an uninterrupted run (sample i's noise depends on sample.seed and i only).
 
-Defaults: FID-50k, a global batch of 256, class-balanced labels (labels='per_class': 50 of each of
-ImageNet's 1000 classes, in class order), the protocol this config targets for the release's
-numbers; --config.sample.labels=uniform draws the classes at random instead (seeded), as
-LightningDiT's own sampling script does. The sampler (num_steps, shift, method, cfg_scale,
+Defaults: FID-50k, a global batch of 256 and class-balanced labels (labels='per_class': 50 of each
+of ImageNet's 1000 classes, in class order), the class-balanced FID-50k protocol;
+--config.sample.labels=uniform draws the classes at random instead (seeded), as LightningDiT's
+sampling script (torch.randint per batch) does. The sampler (num_steps, shift, method, cfg_scale,
 cfg_interval_start, cfg_channels) is the DiT's dit.sample unless set here, e.g. VTP's
 headline setting is the dit job's default (250 grid points, shift 0.075, no guidance).
 """
