@@ -13,6 +13,7 @@ from __future__ import annotations
 import ml_collections
 
 from vtp_jax.jobs import dit, evaluate, extract_latents, pretrain, stage2, study
+from vtp_jax.jobs import sample
 from vtp_jax.train import runner
 
 JOBS = {
@@ -22,6 +23,7 @@ JOBS = {
     "extract_latents": extract_latents,  # a tokenizer's latents of a dataset, for the DiT
     "dit": dit,  # a LightningDiT trained on cached latents, sampled and scored
     "study": study,  # the miniature 'understanding drives generation' study
+    "sample": sample,  # N samples of a DiT (workdir or official checkpoint) as samples.npz, for FID
 }
 
 
