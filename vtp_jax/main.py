@@ -1,7 +1,7 @@
 """Entry point: `python -m vtp_jax.main --config=configs/X.py --workdir=DIR [--config.a.b=v ...]`.
 
 `config.job` names the job (`vtp_jax.jobs.JOBS`: pretrain, stage2, eval, extract_latents, dit,
-study); the runner does the rest.
+sample, study); the runner does the rest.
 
 Multi-process runs (TPU pods, SLURM, or `launch/local_multiprocess.sh`) call
 `jax.distributed.initialize` first: with no flags JAX detects the cluster (TPU, SLURM, ...);

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from vtp_jax.jobs import dit, evaluate, extract_latents, pretrain, stage2, study
-from vtp_jax.jobs import sample
+from vtp_jax.jobs import dit, evaluate, extract_latents, pretrain, sample, stage2, study
 from vtp_jax.train import runner
 
 JOBS = {
@@ -22,8 +21,8 @@ JOBS = {
     "eval": evaluate,  # config.evals on a tokenizer checkpoint, once
     "extract_latents": extract_latents,  # a tokenizer's latents of a dataset, for the DiT
     "dit": dit,  # a LightningDiT trained on cached latents, sampled and scored
-    "study": study,  # the miniature 'understanding drives generation' study
     "sample": sample,  # N samples of a DiT (workdir or official checkpoint) as samples.npz, for FID
+    "study": study,  # the miniature 'understanding drives generation' study
 }
 
 
