@@ -43,17 +43,18 @@ def test_two_processes_match_one(tmp_path):
     proc = subprocess.run(
         ["bash", os.path.join(HERE, "..", "launch", "local_multiprocess.sh"), "2", f"--config={HERE}/tiny.py",
          f"--workdir={workdir}", f"--config.train.steps={STEPS}", f"--config.train.checkpoint_every={STEPS}",
-         "--config.train.images_every=0"],
+         "--config.train.images_every=0", "--config.train.dcn_mesh=(2,1,1)"],  # hosts joined as slices
         env=env, capture_output=True, text=True, timeout=900)
     logs = {i: (workdir / "logs" / f"process_{i}.log").read_text() for i in range(2)}
     assert proc.returncode == 0, proc.stdout + logs[0][-3000:] + logs[1][-3000:]
     assert "process 1 of 2, 4 devices (2 local)" in logs[1]
+    assert len(re.findall(r"step \d+/\d+: loss", logs[0])) == STEPS
 
     config = tiny.get_config()
     config.train.steps = STEPS  # the schedules depend on the run length
     params, losses = reference(config)
-    logged = [float(x) for x in re.findall(r"\] .*?\bloss=([-\d.e+]+)", logs[0])]
-    np.testing.assert_allclose(logged, losses, rtol=1e-4)  # the console writer prints 6 digits
+    logged = [float(x) for x in re.findall(r"step \d+/\d+: loss ([-\d.e+]+)", logs[0])]
+    np.testing.assert_allclose(logged, losses, rtol=1e-4)  # the log line prints 6 digits
     # Process 0 held the workdir lock and released it; it wrote the checksums both processes agreed on.
     assert not (workdir / "LOCK").exists()
     assert (workdir / "checkpoints" / str(STEPS) / "integrity" / "metadata").is_file()

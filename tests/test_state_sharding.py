@@ -98,3 +98,19 @@ def test_eval_params_are_laid_out_by_name(tokenizer):
     tr = jobs.build(c, sharding.make_mesh(MESH))
     _check(tr.shardings, "params", [])
     assert os.path.isdir(tokenizer)
+
+
+def test_mesh_follows_the_devices_and_misfits_are_one_config_error():
+    from vtp_jax.config import ConfigError
+    from vtp_jax.train import runner
+
+    c = tiny.get_config()
+    c.train.mesh = (-1, 4, 1)
+    mesh = runner.make_mesh(c)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1} and sorted(d.id for d in mesh.devices.flat) == list(range(8))
+    c.train.mesh = (3, 4, 1)
+    with pytest.raises(ConfigError, match=r"train.mesh=\(3, 4, 1\).*needs 12 devices, 8 are present"):
+        runner.make_mesh(c)
+    c.train.mesh, c.train.dcn_mesh = (2, 4, 1), (2, 1, 1)  # two slices, but one process and no TPU slices here
+    with pytest.raises(ConfigError, match=r"train.dcn_mesh=\(2, 1, 1\)"):
+        runner.make_mesh(c)

@@ -362,7 +362,7 @@ def log_line(step: int, steps: int, metrics: dict) -> str:
     rest = sorted(k for k in metrics if k not in losses and k not in speed
                   and not (k.startswith("data/") and metrics[k] == 0))
     groups = [sorted(losses, key=lambda k: (k != "loss", k)), speed, rest]
-    return f"step {step}/{steps}: " + " | ".join(", ".join(f"{k} {metrics[k]:.4g}" for k in g) for g in groups if g)
+    return f"step {step}/{steps}: " + " | ".join(", ".join(f"{k} {metrics[k]:.6g}" for k in g) for g in groups if g)
 
 
 class Events:
