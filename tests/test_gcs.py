@@ -83,13 +83,16 @@ def gcs(tmp_path_factory):
     server.wait(timeout=30)
 
 
-def _main(env, cwd, *flags):
+def _main(env, cwd, log, *flags):
+    """The main job in a subprocess, its output to the file `log` (a pipe nobody reads while the
+    test polls the bucket would fill and stall it)."""
     cmd = [sys.executable, "-m", "vtp_jax.main", *flags]
-    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(proc, timeout=900):
-    out, _ = proc.communicate(timeout=timeout)
+def _finish(proc, log, timeout=900):
+    proc.wait(timeout=timeout)
+    out = open(log).read()
     assert proc.returncode == 0, out[-4000:]
     return out
 
@@ -103,15 +106,17 @@ def test_train_kill_resume_export_and_eval_all_on_gcs(gcs, tmp_path):
              "--config.train.checkpoint_every=2", "--config.train.images_every=20", "--config.train.keep_checkpoints=2"]
 
     # kill -9 once the step-2 checkpoint is in the bucket, then resume to the end.
-    first = _main(env, cwd, *train)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    first = _main(env, cwd, logs / "first.log", *train)
     deadline = time.time() + 900
     while "2/commit_success.txt" not in _listing_or_none(listing, "run/checkpoints"):  # a finished step
-        assert first.poll() is None, first.communicate()[0][-4000:]
+        assert first.poll() is None, open(logs / "first.log").read()[-4000:]
         assert time.time() < deadline, "no checkpoint reached the bucket"
         time.sleep(1)
     first.send_signal(signal.SIGKILL)
     assert first.wait() == -signal.SIGKILL, "the run ended before the kill: raise STEPS"
-    out = _finish(_main(env, cwd, *train))
+    out = _finish(_main(env, cwd, logs / "resume.log", *train), logs / "resume.log")
     assert "restored step" in out and "taking over the stale lock" in out, "\n".join(
         line for line in out.splitlines() if "runner.py" in line or "checkpointing.py" in line)[-3000:]
 
@@ -125,7 +130,7 @@ def test_train_kill_resume_export_and_eval_all_on_gcs(gcs, tmp_path):
 
     # The eval job on the gs:// export, into a gs:// workdir.
     ev = [f"--config={HERE}/tiny.py:eval_demo", f"--workdir=gs://{BUCKET}/eval", f"--config.eval.checkpoint={run}/export"]
-    _finish(_main(env, cwd, *ev))
+    _finish(_main(env, cwd, logs / "eval.log", *ev), logs / "eval.log")
     assert {"config.json", "metrics.json"} <= set(listing("eval"))
 
     assert os.listdir(cwd) == [], f"written locally: {os.listdir(cwd)}"

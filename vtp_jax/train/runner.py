@@ -227,12 +227,13 @@ def run(job_module, config: ml_collections.ConfigDict, workdir: str) -> dict:
     the last evaluation's results. The workdir is locked for the run (W/LOCK): a second run on it
     refuses to start."""
     workdir = paths.resolve(workdir)
-    with checkpointing.WorkdirLock(workdir) as lock:
-        return _run(job_module, config, workdir, lock)
-
-
-def _run(job_module, config: ml_collections.ConfigDict, workdir: str, lock: checkpointing.WorkdirLock) -> dict:
     mesh = make_mesh(config)
+    validate(job_module, config, sharding.batch_size_of(mesh), jax.process_count())  # before the lock, before compiling
+    with checkpointing.WorkdirLock(workdir) as lock:
+        return _run(job_module, config, workdir, lock, mesh)
+
+
+def _run(job_module, config: ml_collections.ConfigDict, workdir: str, lock: checkpointing.WorkdirLock, mesh) -> dict:
     tr = build(job_module, config, mesh, workdir)
     config, mesh, job = tr.config, tr.mesh, tr.job
     if job.run is not None:
