@@ -83,8 +83,9 @@ def main() -> None:
     rows = Image.open(last_png(os.path.join(args.demo, "reconstructions")))
     rows.save(os.path.join(args.out, "demo_reconstructions.png"), optimize=True)
     if args.dit:
-        Image.open(last_png(os.path.join(args.dit, "samples"))).save(os.path.join(args.out, "dit_samples.png"),
-                                                                      optimize=True)
+        grid = Image.open(last_png(os.path.join(args.dit, "samples"))).convert("RGB")
+        small = grid.quantize(colors=128)  # kept small in git: 128 colours at full resolution
+        small.save(os.path.join(args.out, "dit_samples.png"), optimize=True)
     print("wrote", sorted(os.listdir(args.out)))
 
 
