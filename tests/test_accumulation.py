@@ -3,9 +3,9 @@
 The reference is the k = 1 step, which tests/test_step_composition.py checks against a NumPy
 re-derivation. Every logged loss and diagnostic, every per-loss gradient norm, the updated
 parameters and the DINO / iBOT centers must agree to float32 rounding: for all objectives together
-and each alone, with centering and with Sinkhorn-Knopp, with the head's BatchNorm (whole-batch
-head over cached trunk outputs) and without (head per micro-batch), on one device and on a
-(data 2, fsdp 4) mesh of 8 CPU devices. Each (config, k, mesh) step compiles once per session.
+and each alone, with centering and with Sinkhorn-Knopp, with the head's BatchNorm and without, on
+one device and on a (data 2, fsdp 4) mesh of 8 CPU devices. Each (config, k, mesh) step compiles
+once per session.
 """
 import functools
 
@@ -68,13 +68,16 @@ def assert_same_step(ref, acc):
                      getattr(s1, name), getattr(s4, name))
 
 
-# mesh, centering, head BatchNorm: each centering and each head path on both meshes. The
-# 8-device programs compile about twice as long: marked slow.
+# mesh, centering, head BatchNorm. The SSL paths: with BatchNorm the head runs over the whole
+# batch's cached trunk outputs; without it, per micro-batch, against whole-batch targets
+# (Sinkhorn-Knopp) or with the teacher inside the student's scan (centering). Each path and each
+# centering runs on one device in the quick set (the l_ssl-alone test takes Sinkhorn-Knopp without
+# BatchNorm); the 8-device programs compile about twice as long and are marked slow.
 CASES = [
-    pytest.param(ONE, "centering", True, id="one-device-centering-bn"),
-    pytest.param(ONE, "sinkhorn_knopp", False, id="one-device-sinkhorn-nobn"),
-    pytest.param(EIGHT, "sinkhorn_knopp", True, id="8-devices-sinkhorn-bn", marks=pytest.mark.slow),
-    pytest.param(EIGHT, "centering", False, id="8-devices-centering-nobn", marks=pytest.mark.slow),
+    pytest.param(ONE, "sinkhorn_knopp", True, id="one-device-sinkhorn-bn"),
+    pytest.param(ONE, "centering", False, id="one-device-centering-nobn"),
+    pytest.param(EIGHT, "centering", True, id="8-devices-centering-bn", marks=pytest.mark.slow),
+    pytest.param(EIGHT, "sinkhorn_knopp", False, id="8-devices-sinkhorn-nobn", marks=pytest.mark.slow),
 ]
 
 
@@ -85,7 +88,8 @@ def test_all_objectives_match_whole_batch_step(mesh, centering, use_bn):
 
 @pytest.mark.parametrize("only", ["l_clip", "l_ssl", "l_rec"])
 def test_each_objective_alone_matches_whole_batch_step(only):
-    assert_same_step(step_result(1, ONE, only=only), step_result(4, ONE, only=only))
+    case = (ONE, "sinkhorn_knopp", False, only)
+    assert_same_step(step_result(1, *case), step_result(4, *case))
 
 
 def test_koleo_is_over_the_whole_batch():
@@ -97,7 +101,7 @@ def test_koleo_is_over_the_whole_batch():
     c = config(1)
     tr = runner.build(c, sharding.make_mesh(ONE))
     batch = accum_batch(tr.config)
-    metrics, _ = step_result(4, ONE)
+    metrics, _ = step_result(4, ONE, "sinkhorn_knopp", True)  # a step the tests above compiled
     with runner.scope(tr):
         params = tr.init(jax.random.key(0)).params
         g, m = batch["ssl_global"], batch["ssl_masks"]

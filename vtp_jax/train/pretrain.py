@@ -309,9 +309,9 @@ def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
         t_patches, valid, _ = objectives.gather_masked(patches, masks, n_masked)
         return {"cls": feats["cls"].reshape(b, n_crops, -1), "patches": t_patches, "valid": valid}
 
-    def ssl_targets(teacher, tf, dino_center, ibot_center, temp):
-        """Teacher probabilities (no gradient) from its trunk outputs `tf`: cls (B, crops, K)
-        and the gathered masked patches (M, K); the updated centers; the kept masked patches."""
+    def ssl_targets(teacher, tf, centers, temp):
+        """Teacher probabilities (no gradient) from its trunk outputs `tf`: cls (B, crops, K) and
+        the gathered masked patches (M, K); and the teacher's logits (B * crops, K), (M, K)."""
         b, n_crops = tf["cls"].shape[:2]
         valid = tf["valid"]
         cls_logits = apply({"params": teacher}, tf["cls"].reshape(b * n_crops, -1), method=VTP.head)
@@ -320,13 +320,11 @@ def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
             cls_p = objectives.sinkhorn_knopp_teacher(cls_logits, temp)
             patch_p = objectives.sinkhorn_knopp_teacher(patch_logits, temp, valid=valid)
         else:
-            cls_p = objectives.softmax_center_teacher(cls_logits, dino_center, temp)
-            patch_p = objectives.softmax_center_teacher(patch_logits, ibot_center, temp)
+            cls_p = objectives.softmax_center_teacher(cls_logits, centers[0], temp)
+            patch_p = objectives.softmax_center_teacher(patch_logits, centers[1], temp)
         patch_p = jnp.where(valid[:, None], patch_p, 0.0)  # padding rows hold no distribution
-        new_dino_center = objectives.update_center(dino_center, cls_logits, o.center_momentum)
-        new_ibot_center = objectives.update_center(ibot_center, patch_logits, o.center_momentum, valid=valid)
-        return (jax.lax.stop_gradient(cls_p.reshape(b, n_crops, -1)), jax.lax.stop_gradient(patch_p),
-                new_dino_center, new_ibot_center, valid.sum())
+        targets = jax.lax.stop_gradient(cls_p.reshape(b, n_crops, -1)), jax.lax.stop_gradient(patch_p)
+        return targets, (cls_logits, patch_logits)
 
     def ssl_features(params, batch, rng, n_masked, local=True):
         """The student trunk's outputs that the SSL losses read: cls of the masked global crops
@@ -389,22 +387,34 @@ def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
         return loss, aux
 
     def ssl_grads(params, teacher, batch, rng, temp, centers):
-        """(L_ssl, aux), its gradient, the new centers, the iBOT targets and the kept masked
-        patches: the whole batch at once, or k micro-batches against whole-batch targets."""
+        """(L_ssl, aux), its gradient, the new centers and iBOT metrics (teacher entropy over the
+        masked patches, kept masked patches): the whole batch at once, or k micro-batches
+        against the whole batch's targets."""
         n_img = batch["ssl_global"].shape[0] * batch["ssl_global"].shape[1]
+        m = o.center_momentum
         if k == 1:
             n_masked = max_masked_patches(config, n_img)
-            cls_p, patch_p, dino_center, ibot_center, n_kept = ssl_targets(
-                teacher, teacher_features(teacher, batch, n_masked), *centers, temp)
+            tf = teacher_features(teacher, batch, n_masked)
+            (cls_p, patch_p), (cls_logits, patch_logits) = ssl_targets(teacher, tf, centers, temp)
             (l, aux), g = jax.value_and_grad(ssl_loss, has_aux=True)(params, batch, (cls_p, patch_p), rng, n_masked)
-            return (l, aux), g, (dino_center, ibot_center), patch_p, n_kept
+            new_centers = (objectives.update_center(centers[0], cls_logits, m),
+                           objectives.update_center(centers[1], patch_logits, m, valid=tf["valid"]))
+            return (l, aux), g, new_centers, (_mean_entropy(patch_p), tf["valid"].sum())
         n_masked = max_masked_patches(config, n_img // k)  # per micro-batch
         batch = {key: batch[key] for key in ("ssl_global", "ssl_local", "ssl_masks") if key in batch}
-        # The teacher's trunk on every micro-batch, then its head, targets and centers over the
-        # whole batch (BatchNorm statistics, Sinkhorn-Knopp sums and center means included).
-        tf = jax.tree.map(merge, stacked(lambda i, r: teacher_features(teacher, micro(batch, i), n_masked), rng))
-        cls_p, patch_p, dino_center, ibot_center, n_kept = ssl_targets(teacher, tf, *centers, temp)
         use_bn = config.model.head.use_bn
+        # With centering, a micro-batch's targets need only the previous center: without the
+        # head's BatchNorm the teacher runs inside the student's scan and the whole batch's
+        # (masked patches, K) targets, the largest array of the step, are never held; the new
+        # centers come from sums over micro-batches. Otherwise (Sinkhorn-Knopp's sums, BatchNorm
+        # statistics) the teacher's head and targets run over the whole batch first.
+        stream = o.centering == "centering" and not use_bn
+        if not stream:
+            tf = jax.tree.map(merge, stacked(lambda i, r: teacher_features(teacher, micro(batch, i), n_masked), rng))
+            (cls_p, patch_p), (cls_logits, patch_logits) = ssl_targets(teacher, tf, centers, temp)
+            new_centers = (objectives.update_center(centers[0], cls_logits, m),
+                           objectives.update_center(centers[1], patch_logits, m, valid=tf["valid"]))
+            ibot = (_mean_entropy(patch_p), tf["valid"].sum())
         aux, d_feats = {}, {}
         if use_bn:  # BatchNorm couples every row: the head and the losses over the cached trunk outputs
             feats, rows = jax.tree.map(merge, stacked(lambda i, r: ssl_features(params, micro(batch, i), r, n_masked), rng))
@@ -423,25 +433,43 @@ def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
             d_given = micro(d_feats, i)
             if use_bn:
                 return add(acc, pull(d_given)[0]), None
+            sums = ()
+            if stream:
+                tf = teacher_features(teacher, micro(batch, i), n_masked)
+                targets, (cls_logits, patch_logits) = ssl_targets(teacher, tf, centers, temp)
+                valid = tf["valid"][:, None]
+                sums = (cls_logits.sum(0), jnp.where(valid, patch_logits, 0.0).sum(0), tf["valid"].sum(),
+                        _mean_entropy(targets[1]) * tf["valid"].sum())
+            else:
+                targets = micro((cls_p, patch_p), i)
 
             def share(p, f):
-                loss, out = ssl_head_loss(p, f, rows, micro((cls_p, patch_p), i), with_koleo=False)
+                loss, out = ssl_head_loss(p, f, rows, targets, with_koleo=False)
                 return loss / k, out
 
             (l_i, out), (g_head, d) = jax.value_and_grad(share, argnums=(0, 1), has_aux=True)(params, feats)
             d = {key: v + d_given[key] if key in d_given else v for key, v in d.items()}
-            return add(add(acc, g_head), pull(d)[0]), (l_i, out)
+            return add(add(acc, g_head), pull(d)[0]), (l_i, out, targets[0], sums)
 
         g, per_micro = accumulate(body, jax.tree.map(jnp.zeros_like, params), rng)
         if use_bn:
             g = add(g, g_head)
         else:
-            l_i, (parts, s_cls) = per_micro
+            l_i, (parts, s_cls), cls_p_i, sums = per_micro
             l = l_i.sum() + (o.koleo_weight * aux["l_koleo"] if "l_koleo" in aux else 0.0)
             aux.update({key: v.mean() for key, v in parts.items()})  # means over equal micro-batches
             s_cls = merge(s_cls)
+            if stream:
+                cls_p = merge(cls_p_i)
+                cls_sum, patch_sum, n_kept, entropy_sum = (x.sum(0) for x in sums)
+                n_cls = cls_p.shape[0] * cls_p.shape[1]
+                # One row holding the batch mean: update_center's EMA (and its no-masked-patch guard).
+                new_centers = (objectives.update_center(centers[0], (cls_sum / n_cls)[None], m),
+                               objectives.update_center(centers[1], (patch_sum / jnp.maximum(n_kept, 1))[None], m,
+                                                        valid=(n_kept > 0)[None]))
+                ibot = (entropy_sum / jnp.maximum(n_kept, 1), n_kept)
         aux.update(ssl_diagnostics(_crops_first(s_cls), _crops_first(cls_p), o.student_temp))
-        return (l, aux), g, (dino_center, ibot_center), patch_p, n_kept
+        return (l, aux), g, new_centers, ibot
 
     # ---- Reconstruction ----------------------------------------------------------------------
     def rec_loss(params, batch, rng, lpips_params):
@@ -488,11 +516,11 @@ def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
             total += o.l_clip * l
         if on["ssl"]:
             temp = teacher_temp(state.step)
-            (l, aux), g, (dino_center, ibot_center), patch_p, n_kept = ssl_grads(
+            (l, aux), g, (dino_center, ibot_center), (ibot_entropy, n_kept) = ssl_grads(
                 params, state.teacher_params, batch, r_ssl, temp, (state.dino_center, state.ibot_center))
             grads.append(jax.tree.map(lambda x: o.l_ssl * x, g))
             metrics.update(aux, l_ssl=l, grad_norm_ssl=optax.tree.norm(grads[-1]), teacher_temp=temp,
-                           ibot_teacher_entropy=_mean_entropy(patch_p),
+                           ibot_teacher_entropy=ibot_entropy,
                            ibot_masked=batch["ssl_masks"].sum(), ibot_dropped=batch["ssl_masks"].sum() - n_kept)
             total += o.l_ssl * l
         if on["rec"]:
