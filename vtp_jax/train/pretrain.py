@@ -239,8 +239,10 @@ def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
     gradient: CLIP and, with a BatchNorm head, SSL by cached trunk outputs (a gradient-free pass
     over the micro-batches, the loss over the whole batch w.r.t. those outputs, then each
     micro-batch again pulling its outputs' gradients back with `jax.vjp`); the teacher's targets
-    and centers over the whole batch before any student micro-batch; KoLeo over the whole batch's
-    cached cls tokens; reconstruction as the mean of micro-batch means."""
+    and centers over the whole batch before any student micro-batch (with centering and no head
+    BatchNorm, inside the student's scan: a micro-batch's targets need only the previous center);
+    KoLeo over the whole batch's cached cls tokens; reconstruction as the mean of micro-batch
+    means. Per-loss gradient norms are of the whole-batch gradients."""
     o = config.objectives
     on = active(config)
     steps = config.train.steps
