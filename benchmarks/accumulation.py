@@ -69,7 +69,8 @@ def step_time(name, ks, rounds, steps):
     base = ks[0]
     for k in ks[1:]:
         ratios = [a / b for a, b in zip(times[k], times[base])]
-        lines.append(f"{name}: per-sample step time k={k} / k={base} = {med[k] / med[base]:.2f} (per round "
+        lines.append(f"{name}: per-sample step time k={k} / k={base} = {med[k] / med[base]:.2f} of the medians, "
+                     f"{min(times[k]) / min(times[base]):.2f} of the best rounds (per round "
                      f"{', '.join(f'{r:.2f}' for r in ratios)}); matmul FLOPs k={k} / k={base} = "
                      f"{flops[k] / flops[base]:.2f}")
     return lines
