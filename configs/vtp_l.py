@@ -17,7 +17,7 @@ batch (0.2 GiB per 128 / 32 / 16). Compiled at these exact per-device shapes:
   64 devices,  mesh (8, 8, 1) (the default (-1, 8, 1)), 256 / 64 / 32: accum_steps=4 -> 20.9 GiB
                (+ 1.9); accum_steps=2 -> 40.3 GiB
   256 devices, mesh (32, 8, 1), 64 / 16 / 8: accum_steps=2 -> 11.0 GiB (+ 1.6); accum_steps=1 ->
-               41.6 GiB (the whole-batch step holds far more than its micro-batches would)
+               41.6 GiB (the whole-batch step holds twice what its micro-batches would)
 k must divide the per-device B_rec (256, 32, 8 above). The figures hold for this recipe's
 centering without the head's BatchNorm, where each micro-batch's teacher targets are computed in
 the student's scan; with --config.objectives.centering=sinkhorn_knopp (or model.head.use_bn) the
