@@ -188,6 +188,20 @@ def train_config() -> ml_collections.ConfigDict:
     c.profile_steps = 0  # > 0: a profile of this many steps after warm-up (clu Profile).
     c.init_from = ""  # a release-format folder (or, for stage 2, a stage-1 workdir) to start from.
     c.eval_at_start = False  # also run config.evals before the first step (e.g. stage 2's "before")
+    # Pre-training: each step's batches as accum_steps micro-batches (a lax.scan): the same update
+    # as one step on the whole batch with ~1 / accum_steps of the activations (configs/vtp_l.py:
+    # settings for B_clip = 16k). It must divide B_clip, B_ssl and B_rec per batch shard. CLIP
+    # works from cached embeddings (one extra gradient-free forward); the teacher's targets,
+    # Sinkhorn-Knopp sums and the centers are over the whole batch. KoLeo and the head's BatchNorm
+    # (model.head.use_bn) are over the WHOLE batch too, as at accum_steps = 1: both couple rows
+    # across the batch, so per micro-batch they would be other losses (KoLeo's nearest neighbours
+    # among B / k rows lie farther: another value and gradient; BatchNorm statistics of a few rows
+    # are noise), and raising accum_steps to fit memory must not change what is trained. Their
+    # cost: a gradient-free student forward of the global crops (KoLeo's cls tokens); with use_bn,
+    # of every SSL crop, and the head then runs on the whole batch (its activations do not shrink;
+    # the paper recipe has no BatchNorm). Stochastic depth draws its subsets per micro-batch: only
+    # with drop_path_* = 0 is the step identical to accum_steps = 1.
+    c.accum_steps = 1
     return c
 
 

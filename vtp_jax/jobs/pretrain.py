@@ -60,6 +60,15 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
         if b % n_batch_shards or b % n_processes:
             errs.append(f"data.{name}={b} is not divisible by the {n_batch_shards} batch shards of the mesh "
                         f"(data x fsdp) and the {n_processes} processes")
+    k = config.train.get("accum_steps", 1)
+    if not isinstance(k, int) or k < 1:
+        errs.append(f"train.accum_steps={k!r}: expected an integer >= 1")
+    else:
+        names = [n for n, view in (("batch_clip", "clip"), ("batch_ssl", "ssl"), ("batch_rec", "rec")) if on[view]]
+        if any(d[n] // n_batch_shards % k for n in names):
+            errs.append(f"train.accum_steps={k} must divide every per-step batch per batch shard ({n_batch_shards} "
+                        "shards of data x fsdp): " + ", ".join(f"data.{n}={d[n]} ({d[n] // n_batch_shards} per shard)"
+                                                               for n in names))
     for name in ("batch_ssl", "batch_rec"):
         if d[name] > d.batch_clip:
             errs.append(f"data.{name}={d[name]} > data.batch_clip={d.batch_clip}: sub-batches are drawn from the CLIP batch")
@@ -204,78 +213,248 @@ def _crops_first(x):
 
 def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
     """step(state, batch, lpips_params) -> (state, metrics); pure, jit it with shardings at the
-    call site."""
+    call site.
+
+    With train.accum_steps = k > 1 every objective runs over k micro-batches in a `lax.scan` (so
+    the activations held at once fall with k) and still yields the whole batch's loss and
+    gradient: CLIP and, with a BatchNorm head, SSL by cached trunk outputs (a gradient-free pass
+    over the micro-batches, the loss over the whole batch w.r.t. those outputs, then each
+    micro-batch again pulling its outputs' gradients back with `jax.vjp`); the teacher's targets
+    and centers over the whole batch before any student micro-batch (with centering and no head
+    BatchNorm, inside the student's scan: a micro-batch's targets need only the previous center);
+    KoLeo over the whole batch's cached cls tokens; reconstruction as the mean of micro-batch
+    means. Per-loss gradient norms are of the whole-batch gradients."""
     o = config.objectives
     on = config_lib.active(config)
     steps = config.train.steps
+    k = config.train.get("accum_steps", 1)
     momentum = optim.cosine_ramp(o.teacher_momentum, o.teacher_momentum_end, steps)
     teacher_temp = optim.teacher_temp_schedule(o)
     apply = model.apply
+    merge = objectives.merge_micro_batches
 
-    def clip_loss(params, batch, rng):
+    def micro(tree, i):
+        return jax.tree.map(lambda x: objectives.micro_batch(x, i, k), tree)
+
+    def add(a, b):
+        return jax.tree.map(jnp.add, a, b)
+
+    def accumulate(body, init, rng):
+        """scan of body(carry, (i, rng_i)) over the k micro-batches, micro-batch i with its own rng."""
+        return jax.lax.scan(body, init, (jnp.arange(k), jax.random.split(rng, k)))
+
+    def stacked(fn, rng):
+        """fn(i, rng_i) of every micro-batch, stacked (k, ...): forwards without gradient."""
+        return accumulate(lambda c, x: (c, fn(*x)), None, rng)[1]
+
+    # ---- CLIP --------------------------------------------------------------------------------
+    def clip_embed(params, batch, rng):
         feats = apply({"params": params}, batch["clip_images"], None, o.drop_path_clip,
                       method=VTP.encode_features, rngs={"drop_path": rng})
         img = apply({"params": params}, feats, method=VTP.clip_image)
         txt = apply({"params": params}, batch["tokens"], method=VTP.clip_text)
-        scale = jnp.exp(jnp.minimum(params["text"]["logit_scale"], o.logit_scale_max))
+        return img, txt
+
+    def clip_of_embeddings(img, txt, log_scale):
+        scale = jnp.exp(jnp.minimum(log_scale, o.logit_scale_max))
         return objectives.clip_loss(img, txt, scale), {"logit_scale": scale}
 
-    def ssl_targets(teacher, batch, dino_center, ibot_center, temp, n_masked):
-        """Teacher probabilities on the unmasked global crops (no gradient): cls (2, B, K) and
-        the gathered masked patches (M, K)."""
+    def clip_loss(params, batch, rng):
+        return clip_of_embeddings(*clip_embed(params, batch, rng), params["text"]["logit_scale"])
+
+    def clip_grads(params, batch, rng):
+        """(L_clip, aux), its gradient: the whole batch at once, or by cached embeddings."""
+        if k == 1:
+            return jax.value_and_grad(clip_loss, has_aux=True)(params, batch, rng)
+        batch = {key: batch[key] for key in ("clip_images", "tokens")}
+        img, txt = map(merge, stacked(lambda i, r: clip_embed(params, micro(batch, i), r), rng))
+        (l, aux), (d_img, d_txt, d_log_scale) = jax.value_and_grad(clip_of_embeddings, argnums=(0, 1, 2), has_aux=True)(
+            img, txt, params["text"]["logit_scale"])
+
+        def body(acc, x):
+            i, r = x
+            _, pull = jax.vjp(lambda p: clip_embed(p, micro(batch, i), r), params)
+            return add(acc, pull((micro(d_img, i), micro(d_txt, i)))[0]), None
+
+        g, _ = accumulate(body, jax.tree.map(jnp.zeros_like, params), rng)
+        text = {**g["text"], "logit_scale": g["text"]["logit_scale"] + d_log_scale}
+        return (l, aux), {**g, "text": text}
+
+    # ---- DINO / iBOT / KoLeo -----------------------------------------------------------------
+    def teacher_features(teacher, batch, n_masked):
+        """The teacher trunk on the unmasked global crops: cls (B, crops, D), gathered masked
+        patches (M, D) and their validity (M,)."""
         g = batch["ssl_global"]
         b, n_crops = g.shape[:2]
         feats = apply({"params": teacher}, g.reshape(b * n_crops, *g.shape[2:]), method=VTP.encode_features)
-        cls_logits = apply({"params": teacher}, feats["cls"], method=VTP.head)
         patches = feats["patches"].reshape(b * n_crops, -1, feats["patches"].shape[-1])
         masks = batch["ssl_masks"].reshape(b * n_crops, -1)
         t_patches, valid, _ = objectives.gather_masked(patches, masks, n_masked)
-        patch_logits = apply({"params": teacher}, t_patches, valid, method=VTP.head)
+        return {"cls": feats["cls"].reshape(b, n_crops, -1), "patches": t_patches, "valid": valid}
+
+    def ssl_targets(teacher, tf, centers, temp):
+        """Teacher probabilities (no gradient) from its trunk outputs `tf`: cls (B, crops, K) and
+        the gathered masked patches (M, K); and the teacher's logits (B * crops, K), (M, K)."""
+        b, n_crops = tf["cls"].shape[:2]
+        valid = tf["valid"]
+        cls_logits = apply({"params": teacher}, tf["cls"].reshape(b * n_crops, -1), method=VTP.head)
+        patch_logits = apply({"params": teacher}, tf["patches"], valid, method=VTP.head)
         if o.centering == "sinkhorn_knopp":
             cls_p = objectives.sinkhorn_knopp_teacher(cls_logits, temp)
             patch_p = objectives.sinkhorn_knopp_teacher(patch_logits, temp, valid=valid)
         else:
-            cls_p = objectives.softmax_center_teacher(cls_logits, dino_center, temp)
-            patch_p = objectives.softmax_center_teacher(patch_logits, ibot_center, temp)
+            cls_p = objectives.softmax_center_teacher(cls_logits, centers[0], temp)
+            patch_p = objectives.softmax_center_teacher(patch_logits, centers[1], temp)
         patch_p = jnp.where(valid[:, None], patch_p, 0.0)  # padding rows hold no distribution
-        new_dino_center = objectives.update_center(dino_center, cls_logits, o.center_momentum)
-        new_ibot_center = objectives.update_center(ibot_center, patch_logits, o.center_momentum, valid=valid)
-        cls_p = _crops_first(cls_p.reshape(b, n_crops, -1))
-        return (jax.lax.stop_gradient(cls_p), jax.lax.stop_gradient(patch_p), new_dino_center, new_ibot_center,
-                valid.sum())
+        targets = jax.lax.stop_gradient(cls_p.reshape(b, n_crops, -1)), jax.lax.stop_gradient(patch_p)
+        return targets, (cls_logits, patch_logits)
 
-    def ssl_loss(params, batch, targets, rng, n_masked):
-        cls_p, patch_p = targets
+    def ssl_features(params, batch, rng, n_masked, local=True):
+        """The student trunk's outputs that the SSL losses read: cls of the masked global crops
+        (B, crops, D), their gathered masked patches (M, D), cls of the local crops (B, locals,
+        D); aux: the gathered rows' validity and iBOT weights."""
         g, m = batch["ssl_global"], batch["ssl_masks"]
         b, n_crops = g.shape[:2]
         r_global, r_local = jax.random.split(rng)
         feats = apply({"params": params}, g.reshape(b * n_crops, *g.shape[2:]), m.reshape(b * n_crops, *m.shape[2:]),
                       o.drop_path_ssl, method=VTP.encode_features, rngs={"drop_path": r_global})
-        s_cls = _crops_first(apply({"params": params}, feats["cls"], method=VTP.head).reshape(b, n_crops, -1))
-        # DINOv2 pairing: global crop i against the teacher's other crop; locals against both.
-        l_dino = sum(objectives.dino_loss(s_cls[i:i + 1], cls_p[n_crops - 1 - i:n_crops - i], o.student_temp)
-                     for i in range(n_crops))
-        n_terms = n_crops * (n_crops - 1)
+        patches = feats["patches"].reshape(b * n_crops, -1, feats["patches"].shape[-1])
+        s_patches, valid, weights = objectives.gather_masked(patches, m.reshape(b * n_crops, -1), n_masked)
+        out = {"cls": feats["cls"].reshape(b, n_crops, -1), "patches": s_patches}
         loc = batch.get("ssl_local")
-        if loc is not None and loc.shape[1]:
+        if local and loc is not None and loc.shape[1]:
             n_local = loc.shape[1]
             feats_l = apply({"params": params}, loc.reshape(b * n_local, *loc.shape[2:]), None, o.drop_path_ssl,
                             method=VTP.encode_features, rngs={"drop_path": r_local})
-            s_loc = _crops_first(apply({"params": params}, feats_l["cls"], method=VTP.head).reshape(b, n_local, -1))
-            l_dino = l_dino + objectives.dino_loss(s_loc, cls_p, o.student_temp)
+            out["cls_local"] = feats_l["cls"].reshape(b, n_local, -1)
+        return out, (valid, weights)
+
+    def koleo(cls):
+        """KoLeo of each global crop's cls tokens (B, crops, D), summed over crops."""
+        tokens = _crops_first(cls)
+        return sum(objectives.koleo_loss(tokens[i]) for i in range(tokens.shape[0]))
+
+    def ssl_head_loss(params, feats, rows, targets, with_koleo=True):
+        """L_ssl of the student trunk's outputs (`ssl_features`): the head, DINO, iBOT and, with
+        with_koleo, KoLeo over the rows given; aux: the parts and the student's cls logits (B,
+        crops, K, no gradient)."""
+        valid, weights = rows
+        cls_p, patch_p = targets
+        b, n_crops = feats["cls"].shape[:2]
+        head = lambda x, *a: apply({"params": params}, x, *a, method=VTP.head)  # noqa: E731
+        s_cls = head(feats["cls"].reshape(b * n_crops, -1)).reshape(b, n_crops, -1)
+        s_cf, t_cf = _crops_first(s_cls), _crops_first(cls_p)
+        # DINOv2 pairing: global crop i against the teacher's other crop; locals against both.
+        l_dino = sum(objectives.dino_loss(s_cf[i:i + 1], t_cf[n_crops - 1 - i:n_crops - i], o.student_temp)
+                     for i in range(n_crops))
+        n_terms = n_crops * (n_crops - 1)
+        if "cls_local" in feats:
+            n_local = feats["cls_local"].shape[1]
+            s_loc = _crops_first(head(feats["cls_local"].reshape(b * n_local, -1)).reshape(b, n_local, -1))
+            l_dino = l_dino + objectives.dino_loss(s_loc, t_cf, o.student_temp)
             n_terms += n_local * n_crops
         l_dino = l_dino / n_terms
-        patches = feats["patches"].reshape(b * n_crops, -1, feats["patches"].shape[-1])
-        s_patches, valid, weights = objectives.gather_masked(patches, m.reshape(b * n_crops, -1), n_masked)
-        s_patch_logits = apply({"params": params}, s_patches, valid, method=VTP.head)
+        s_patch_logits = head(feats["patches"], valid)
         l_ibot = objectives.ibot_patch_loss_gathered(s_patch_logits, patch_p, weights, o.student_temp, n_crops * b)
-        cls_tokens = _crops_first(feats["cls"].reshape(b, n_crops, -1))
-        l_koleo = sum(objectives.koleo_loss(cls_tokens[i]) for i in range(n_crops))
-        loss = o.dino_weight * l_dino + o.ibot_weight * l_ibot + o.koleo_weight * l_koleo
-        aux = {"l_dino": l_dino, "l_ibot": l_ibot, "l_koleo": l_koleo}
-        aux.update(ssl_diagnostics(jax.lax.stop_gradient(s_cls), cls_p, o.student_temp))
+        loss = o.dino_weight * l_dino + o.ibot_weight * l_ibot
+        aux = {"l_dino": l_dino, "l_ibot": l_ibot}
+        if with_koleo:
+            aux["l_koleo"] = koleo(feats["cls"])
+            loss = loss + o.koleo_weight * aux["l_koleo"]
+        return loss, (aux, jax.lax.stop_gradient(s_cls))
+
+    def ssl_loss(params, batch, targets, rng, n_masked):
+        feats, rows = ssl_features(params, batch, rng, n_masked)
+        loss, (aux, s_cls) = ssl_head_loss(params, feats, rows, targets)
+        aux.update(ssl_diagnostics(_crops_first(s_cls), _crops_first(targets[0]), o.student_temp))
         return loss, aux
 
+    def ssl_grads(params, teacher, batch, rng, temp, centers):
+        """(L_ssl, aux), its gradient, the new centers and iBOT metrics (teacher entropy over the
+        masked patches, kept masked patches): the whole batch at once, or k micro-batches
+        against the whole batch's targets."""
+        n_img = batch["ssl_global"].shape[0] * batch["ssl_global"].shape[1]
+        m = o.center_momentum
+        if k == 1:
+            n_masked = max_masked_patches(config, n_img)
+            tf = teacher_features(teacher, batch, n_masked)
+            (cls_p, patch_p), (cls_logits, patch_logits) = ssl_targets(teacher, tf, centers, temp)
+            (l, aux), g = jax.value_and_grad(ssl_loss, has_aux=True)(params, batch, (cls_p, patch_p), rng, n_masked)
+            new_centers = (objectives.update_center(centers[0], cls_logits, m),
+                           objectives.update_center(centers[1], patch_logits, m, valid=tf["valid"]))
+            return (l, aux), g, new_centers, (_mean_entropy(patch_p), tf["valid"].sum())
+        n_masked = max_masked_patches(config, n_img // k)  # per micro-batch
+        batch = {key: batch[key] for key in ("ssl_global", "ssl_local", "ssl_masks") if key in batch}
+        use_bn = config.model.head.use_bn
+        # With centering, a micro-batch's targets need only the previous center: without the
+        # head's BatchNorm the teacher runs inside the student's scan and the whole batch's
+        # (masked patches, K) targets, the largest array of the step, are never held; the new
+        # centers come from sums over micro-batches. Otherwise (Sinkhorn-Knopp's sums, BatchNorm
+        # statistics) the teacher's head and targets run over the whole batch first.
+        stream = o.centering == "centering" and not use_bn
+        if not stream:
+            tf = jax.tree.map(merge, stacked(lambda i, r: teacher_features(teacher, micro(batch, i), n_masked), rng))
+            (cls_p, patch_p), (cls_logits, patch_logits) = ssl_targets(teacher, tf, centers, temp)
+            new_centers = (objectives.update_center(centers[0], cls_logits, m),
+                           objectives.update_center(centers[1], patch_logits, m, valid=tf["valid"]))
+            ibot = (_mean_entropy(patch_p), tf["valid"].sum())
+        aux, d_feats = {}, {}
+        if use_bn:  # BatchNorm couples every row: the head and the losses over the cached trunk outputs
+            feats, rows = jax.tree.map(merge, stacked(lambda i, r: ssl_features(params, micro(batch, i), r, n_masked), rng))
+            (l, (aux, s_cls)), (g_head, d_feats) = jax.value_and_grad(ssl_head_loss, argnums=(0, 1), has_aux=True)(
+                params, feats, rows, (cls_p, patch_p))
+        elif o.koleo_weight:  # KoLeo's neighbours come from the whole batch: cached cls tokens
+            cls = merge(stacked(lambda i, r: ssl_features(params, micro(batch, i), r, n_masked, local=False)[0]["cls"], rng))
+            aux["l_koleo"], d_cls = jax.value_and_grad(koleo)(cls)
+            d_feats = {"cls": o.koleo_weight * d_cls}
+
+        def body(acc, x):
+            """One micro-batch's trunk with the gradients of its outputs (and, without
+            BatchNorm, its head and DINO / iBOT terms, a 1 / k share of the whole batch's means)."""
+            i, r = x
+            feats, pull, rows = jax.vjp(lambda p: ssl_features(p, micro(batch, i), r, n_masked), params, has_aux=True)
+            d_given = micro(d_feats, i)
+            if use_bn:
+                return add(acc, pull(d_given)[0]), None
+            sums = ()
+            if stream:
+                tf = teacher_features(teacher, micro(batch, i), n_masked)
+                targets, (cls_logits, patch_logits) = ssl_targets(teacher, tf, centers, temp)
+                valid = tf["valid"][:, None]
+                sums = (cls_logits.sum(0), jnp.where(valid, patch_logits, 0.0).sum(0), tf["valid"].sum(),
+                        _mean_entropy(targets[1]) * tf["valid"].sum())
+            else:
+                targets = micro((cls_p, patch_p), i)
+
+            def share(p, f):
+                loss, out = ssl_head_loss(p, f, rows, targets, with_koleo=False)
+                return loss / k, out
+
+            (l_i, out), (g_head, d) = jax.value_and_grad(share, argnums=(0, 1), has_aux=True)(params, feats)
+            d = {key: v + d_given[key] if key in d_given else v for key, v in d.items()}
+            return add(add(acc, g_head), pull(d)[0]), (l_i, out, targets[0], sums)
+
+        g, per_micro = accumulate(body, jax.tree.map(jnp.zeros_like, params), rng)
+        if use_bn:
+            g = add(g, g_head)
+        else:
+            l_i, (parts, s_cls), cls_p_i, sums = per_micro
+            l = l_i.sum() + (o.koleo_weight * aux["l_koleo"] if "l_koleo" in aux else 0.0)
+            aux.update({key: v.mean() for key, v in parts.items()})  # means over equal micro-batches
+            s_cls = merge(s_cls)
+            if stream:
+                cls_p = merge(cls_p_i)
+                cls_sum, patch_sum, n_kept, entropy_sum = (x.sum(0) for x in sums)
+                n_cls = cls_p.shape[0] * cls_p.shape[1]
+                # One row holding the batch mean: update_center's EMA (and its no-masked-patch guard).
+                new_centers = (objectives.update_center(centers[0], (cls_sum / n_cls)[None], m),
+                               objectives.update_center(centers[1], (patch_sum / jnp.maximum(n_kept, 1))[None], m,
+                                                        valid=(n_kept > 0)[None]))
+                ibot = (entropy_sum / jnp.maximum(n_kept, 1), n_kept)
+        aux.update(ssl_diagnostics(_crops_first(s_cls), _crops_first(cls_p), o.student_temp))
+        return (l, aux), g, new_centers, ibot
+
+    # ---- Reconstruction ----------------------------------------------------------------------
     def rec_loss(params, batch, rng, lpips_params):
         x = batch["rec_images"]
         latents = apply({"params": params}, x, method=VTP.encode)
@@ -289,7 +468,23 @@ def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
             lp = objectives.lpips(lpips_params, recon_px, x_px).mean()
             parts["l_lpips"] = lp
             loss = loss + o.lpips_weight * lp
-        return loss, parts
+        return loss, (parts, (latents.mean(), latents.var()))
+
+    def rec_grads(params, batch, rng, lpips_params):
+        """(L_rec, aux), its gradient: a mean over images, so the mean of micro-batch means."""
+        grad = jax.value_and_grad(rec_loss, has_aux=True)
+        if k == 1:
+            (l, (aux, _)), g = grad(params, batch, rng, lpips_params)
+            return (l, aux), g
+
+        def body(acc, x):
+            (l, out), g = grad(params, micro({"rec_images": batch["rec_images"]}, x[0]), x[1], lpips_params)
+            return add(acc, g), (l, out)
+
+        g, (l, (parts, (mean, var))) = accumulate(body, jax.tree.map(jnp.zeros_like, params), rng)
+        aux = {key: v.mean() for key, v in parts.items()}
+        aux["latent_std"] = jnp.sqrt(var.mean() + mean.var())  # within + between micro-batches
+        return (l.mean(), aux), jax.tree.map(lambda x: x / k, g)
 
     def step(state: TrainState, batch: dict, lpips_params=None):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -298,24 +493,21 @@ def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
         grads, metrics, total = [], {}, 0.0
         dino_center, ibot_center = state.dino_center, state.ibot_center
         if on["clip"]:
-            (l, aux), g = jax.value_and_grad(clip_loss, has_aux=True)(params, batch, r_clip)
+            (l, aux), g = clip_grads(params, batch, r_clip)
             grads.append(jax.tree.map(lambda x: o.l_clip * x, g))
             metrics.update(aux, l_clip=l, grad_norm_clip=optax.tree.norm(grads[-1]))
             total += o.l_clip * l
         if on["ssl"]:
             temp = teacher_temp(state.step)
-            n_img = batch["ssl_global"].shape[0] * batch["ssl_global"].shape[1]
-            n_masked = max_masked_patches(config, n_img)
-            cls_p, patch_p, dino_center, ibot_center, n_kept = ssl_targets(
-                state.teacher_params, batch, state.dino_center, state.ibot_center, temp, n_masked)
-            (l, aux), g = jax.value_and_grad(ssl_loss, has_aux=True)(params, batch, (cls_p, patch_p), r_ssl, n_masked)
+            (l, aux), g, (dino_center, ibot_center), (ibot_entropy, n_kept) = ssl_grads(
+                params, state.teacher_params, batch, r_ssl, temp, (state.dino_center, state.ibot_center))
             grads.append(jax.tree.map(lambda x: o.l_ssl * x, g))
             metrics.update(aux, l_ssl=l, grad_norm_ssl=optax.tree.norm(grads[-1]), teacher_temp=temp,
-                           ibot_teacher_entropy=_mean_entropy(patch_p),
+                           ibot_teacher_entropy=ibot_entropy,
                            ibot_masked=batch["ssl_masks"].sum(), ibot_dropped=batch["ssl_masks"].sum() - n_kept)
             total += o.l_ssl * l
         if on["rec"]:
-            (l, aux), g = jax.value_and_grad(rec_loss, has_aux=True)(params, batch, r_rec, lpips_params)
+            (l, aux), g = rec_grads(params, batch, r_rec, lpips_params)
             grads.append(jax.tree.map(lambda x: o.l_rec * x, g))
             metrics.update(aux, l_rec=l, grad_norm_rec=optax.tree.norm(grads[-1]))
             total += o.l_rec * l
