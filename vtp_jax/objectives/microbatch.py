@@ -12,7 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from vtp_jax.axes import n_batch_shards
+from vtp_jax.sharding import n_batch_shards
 
 __all__ = ["micro_batch", "merge_micro_batches"]
 
