@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import load_config, record
+from common import compiled_step, load_config, record
 from vtp_jax import jobs, sharding
 from vtp_jax.jobs import pretrain
 from vtp_jax.train import runner
@@ -100,13 +100,8 @@ def memory(name, per_device, ks, mesh_shape=(1, 8, 1)):
         c.objectives.lpips_params = __file__  # any existing file: validation only checks it exists
         c.train.accum_steps = k
         tr = jobs.build(c, sharding.make_mesh(mesh_shape))
-        spec = pretrain.batch_spec(tr.config)
-        batch = {key: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(tr.mesh, len(v.shape)))
-                 for key, v in spec.items()}
-        t = time.perf_counter()
-        with runner.scope(tr):
-            state = jax.eval_shape(tr.init, jax.random.key(0))
-            mem = tr.step.lower(state, batch, tr.consts).compile().memory_analysis()
+        compiled, compile_s = compiled_step(tr)
+        mem = compiled.memory_analysis()
         m = c.model
         lines.append(
             f"{name} compiled step, mesh (data, fsdp, tensor) = {tuple(mesh_shape)}, per device B_clip / ssl / rec "
@@ -114,7 +109,7 @@ def memory(name, per_device, ks, mesh_shape=(1, 8, 1)):
             f"{d.batch_rec}), accum_steps {k} (micro-batch per device {per_device // k} / {per_device // 4 // k} / "
             f"{per_device // 8 // k}; {m.dtype}, remat {m.remat}, scan_layers {m.scan_layers}, LPIPS on): temporaries "
             f"{mem.temp_size_in_bytes / 2**30:.2f} GiB, arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB per "
-            f"device (compile {time.perf_counter() - t:.0f} s)")
+            f"device (compile {compile_s:.0f} s)")
         print(lines[-1], flush=True)
     return lines
 

@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from common import load_config, record
+from common import compiled_step, load_config, record
 from vtp_jax import jobs, sharding
 from vtp_jax.jobs import pretrain
 from vtp_jax.train import runner
@@ -161,17 +161,12 @@ def memory(name, batch, image, compile_meshes=((1, 8, 1),)):
                      f"AdamW) {state_bytes / 2**30:.2f} GiB/device")
     for shape in compile_meshes:
         c, tr = trainer(shape)
-        spec = pretrain.batch_spec(tr.config)
-        batch_sds = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(tr.mesh, len(v.shape)))
-                     for k, v in spec.items()}
-        t = time.perf_counter()
-        with runner.scope(tr):
-            state = jax.eval_shape(tr.init, jax.random.key(0))
-            mem = tr.step.lower(state, batch_sds, tr.consts).compile().memory_analysis()
+        compiled, compile_s = compiled_step(tr)
+        mem = compiled.memory_analysis()
         lines.append(f"{name} compiled step on mesh (data, fsdp, tensor) = {tuple(shape)} (B_clip / ssl / rec "
                      f"{c.data.batch_clip} / {c.data.batch_ssl} / {c.data.batch_rec}, bf16, remat full, scanned): "
                      f"arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB + temporaries "
-                     f"{mem.temp_size_in_bytes / 2**30:.2f} GiB per device (compile {time.perf_counter() - t:.0f} s)")
+                     f"{mem.temp_size_in_bytes / 2**30:.2f} GiB per device (compile {compile_s:.0f} s)")
     return lines
 
 

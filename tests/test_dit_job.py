@@ -29,15 +29,8 @@ def extract(c, folder):
 
 
 def dit_config(tokenizer, steps=4):
-    c = tiny.load_config("dit_demo")
-    c.latents.tokenizer = tokenizer
-    c.latents.data.update(image_size=SIZE, procedural_size=SIZE, batch_size=8, num_train_images=44)
-    c.latents.part_batches = 2
-    c.latents.stats_samples = 30
-    c.dit.batch_size = 8
+    c = tiny.dit_config(tokenizer, SIZE, steps=steps)
     c.dit.sample.update(num_steps=3, every=2, classes=2, per_class=2)
-    c.train.update(steps=steps, log_every=1, checkpoint_every=2, mesh=(1, 1, 1))
-    c.evals = {}
     return c
 
 

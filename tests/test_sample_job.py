@@ -27,15 +27,8 @@ HP_FIELDS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", 
 def trained(tmp_path_factory):
     """(tokenizer folder, dit workdir): a tiny DiT trained 2 steps on the tiny tokenizer's latents."""
     tokenizer = tiny.export_tokenizer(tmp_path_factory.mktemp("tokenizer"), SIZE, text=False)
-    c = tiny.load_config("dit_demo")
-    c.latents.tokenizer = tokenizer
-    c.latents.data.update(image_size=SIZE, procedural_size=SIZE, batch_size=8, num_train_images=16)
-    c.latents.part_batches = 2
-    c.latents.stats_samples = 16
-    c.dit.batch_size = 8
+    c = tiny.dit_config(tokenizer, SIZE, num_train_images=16, stats_samples=16, steps=2)
     c.dit.sample.update(num_steps=3, every=0)  # shift 0.3 (dit_demo); no grids during training
-    c.train.update(steps=2, log_every=1, checkpoint_every=2, mesh=(1, 1, 1))
-    c.evals = {}
     workdir = str(tmp_path_factory.mktemp("dit"))
     jobs.run(c, workdir)
     return tokenizer, workdir

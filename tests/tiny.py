@@ -61,6 +61,20 @@ def export_tokenizer(folder, size=16, text=True):
     return str(folder)
 
 
+def dit_config(tokenizer, size=16, num_train_images=44, stats_samples=30, steps=4):
+    """configs/dit_demo.py at test size: latents of `num_train_images` procedural images by the
+    tokenizer folder, parts of 2 batches of 8, a DiT batch of 8 on one device, no evaluators."""
+    c = load_config("dit_demo")
+    c.latents.tokenizer = tokenizer
+    c.latents.data.update(image_size=size, procedural_size=size, batch_size=8, num_train_images=num_train_images)
+    c.latents.part_batches = 2
+    c.latents.stats_samples = stats_samples
+    c.dit.batch_size = 8
+    c.train.update(steps=steps, log_every=1, checkpoint_every=2, mesh=(1, 1, 1))
+    c.evals = {}
+    return c
+
+
 def restore_params(workdir, step, field="params"):
     """A field of a trainer checkpoint's state as host arrays, whatever mesh or process count
     wrote it."""
