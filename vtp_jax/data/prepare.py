@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import glob
 import hashlib
 import io
 import json
@@ -29,11 +28,13 @@ import multiprocessing
 import os
 import sys
 import tarfile
+import tempfile
 from collections import Counter
 from typing import Callable, Iterator, Sequence
 
 from PIL import Image
 
+from vtp_jax import paths
 from vtp_jax.data import sources
 
 FORMAT = "vtp-records-v1"
@@ -67,17 +68,19 @@ def _screen(image: bytes, caption: bytes | str | None, counts: Counter) -> tuple
     return image, caption.strip()
 
 
-def _webdataset_records(paths: Sequence[str], counts: Counter) -> Iterator[bytes]:
+def _webdataset_records(tars: Sequence[str], counts: Counter) -> Iterator[bytes]:
     """Samples of img2dataset tars: members grouped by key (the name up to the first dot of the
-    base name), in tar order. Keys without an image are counted as skipped/no_image."""
-    for path in paths:
+    base name), in tar order. Keys without an image are counted as skipped/no_image. Each tar is
+    read as a stream, so tars on gs:// are read in place."""
+    for path in tars:
+        groups: dict[str, dict[str, bytes]] = {}
         try:
-            tar = tarfile.open(path)
+            stream = paths.Path(path).open("rb")
+            tar = tarfile.open(fileobj=stream, mode="r|*")
         except (tarfile.TarError, OSError):
             counts["skipped/unreadable_tar"] += 1
             continue
-        with tar:
-            groups: dict[str, dict[str, bytes]] = {}
+        with stream, tar:
             try:
                 for member in tar:
                     if not member.isfile():
@@ -174,8 +177,8 @@ def _write_shard(job: dict, report: Callable[[int], None]) -> dict:
         records = _tfds_records(job["name"], job["split"], job["data_dir"], range(*job["range"]), counts)
     else:
         records = _procedural_records(job["seed"], job["image_size"], job["image_format"], range(*job["range"]), counts)
-    tmp = path + ".tmp"
-    writer = ArrayRecordWriter(tmp, "group_size:1")  # one record per chunk: cheap random access
+    tmp = os.path.join(tempfile.mkdtemp(prefix="vtp_jax_prepare_"), os.path.basename(path) + ".tmp")  # ArrayRecord
+    writer = ArrayRecordWriter(tmp, "group_size:1")  # writes local files only; one record per chunk: random access
     digest, n = hashlib.sha256(), 0
     for record in records:
         writer.write(record)
@@ -185,31 +188,32 @@ def _write_shard(job: dict, report: Callable[[int], None]) -> dict:
             report(64)
     writer.close()
     report(n % 64)
-    os.replace(tmp, path)
+    size = os.path.getsize(tmp)
+    paths.upload(tmp, path)  # whole shards only
     part = {"shard": os.path.basename(path), "fingerprint": job["fingerprint"], "records": n,
-            "sha256": digest.hexdigest(), "bytes": os.path.getsize(path), "counts": dict(sorted(counts.items()))}
-    with open(_part_path(path), "w") as f:
-        json.dump(part, f)
+            "sha256": digest.hexdigest(), "bytes": size, "counts": dict(sorted(counts.items()))}
+    paths.write_json(_part_path(path), part)
     return part
 
 
 def _part_path(shard_path: str) -> str:
-    folder, name = os.path.split(shard_path)
-    return os.path.join(folder, _PARTS, name + ".json")
+    return paths.join(paths.dirname(shard_path), _PARTS, os.path.basename(shard_path) + ".json")
 
 
 def _expand(patterns: str) -> list[str]:
-    paths = []
+    found = []
     for p in patterns.split(","):
-        matches = sorted(glob.glob(p.strip()))
+        matches = paths.glob(p.strip())
         if not matches:
             raise FileNotFoundError(f"no input matches {p.strip()!r}")
-        paths += matches
-    return paths
+        found += matches
+    return found
 
 
-def _file_fingerprint(paths: Sequence[str]) -> list:
-    return [[p, os.path.getsize(p), int(os.path.getmtime(p))] for p in paths]
+def _file_fingerprint(files: Sequence[str]) -> list:
+    """[path, size, mtime] of each input: a changed input makes its shards stale (local or gs://)."""
+    stats = [paths.Path(p).stat() for p in files]
+    return [[p, int(st.length), int(st.mtime)] for p, st in zip(files, stats)]
 
 
 def plan(args) -> tuple[dict, list[dict]]:
@@ -258,13 +262,12 @@ def plan(args) -> tuple[dict, list[dict]]:
 def _done(job: dict) -> dict | None:
     """The shard's sidecar if the shard exists and was built from this very request."""
     try:
-        with open(_part_path(job["path"])) as f:
-            part = json.load(f)
+        part = paths.read_json(_part_path(job["path"]))
     except (OSError, ValueError):
         return None
-    if part.get("fingerprint") != job["fingerprint"] or not os.path.exists(job["path"]):
+    if part.get("fingerprint") != job["fingerprint"] or not paths.exists(job["path"]):
         return None
-    return part if os.path.getsize(job["path"]) == part["bytes"] else None
+    return part if paths.Path(job["path"]).stat().length == part["bytes"] else None
 
 
 def _run_jobs(jobs: list[dict], workers: int, total: int | None) -> list[dict]:
@@ -295,25 +298,24 @@ def _run_jobs(jobs: list[dict], workers: int, total: int | None) -> list[dict]:
 def prepare(args) -> dict:
     """Builds (or finds up to date) the shards and manifest that `args` describe; returns the manifest."""
     request, jobs = plan(args)
-    os.makedirs(os.path.join(args.output, _PARTS), exist_ok=True)
-    manifest_path = os.path.join(args.output, MANIFEST)
+    paths.makedirs(paths.join(args.output, _PARTS))
+    manifest_path = paths.join(args.output, MANIFEST)
     parts = {job["path"]: _done(job) for job in jobs}
     todo = [job for job in jobs if parts[job["path"]] is None]
-    if not todo and os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+    if not todo and paths.exists(manifest_path):
+        manifest = paths.read_json(manifest_path)
         if manifest.get("fingerprint") == request["fingerprint"]:
             print(f"prepare: {args.output} is up to date ({manifest['records']} records)", file=sys.stderr)
             return manifest
     current = {os.path.basename(j["path"]) for j in jobs}
-    for old in glob.glob(os.path.join(args.output, f"{args.prefix}-*-of-*.array_record")):  # an earlier request's
+    for old in paths.glob(paths.join(args.output, f"{args.prefix}-*-of-*.array_record")):  # an earlier request's
         if os.path.basename(old) not in current:
-            os.remove(old)
-            if os.path.exists(_part_path(old)):
-                os.remove(_part_path(old))
+            paths.remove(old)
+            if paths.exists(_part_path(old)):
+                paths.remove(_part_path(old))
     total = request.get("size") if args.kind in ("tfds", "procedural") else None
     for part in _run_jobs(todo, args.workers, total):
-        parts[os.path.join(args.output, part["shard"])] = part
+        parts[paths.join(args.output, part["shard"])] = part
     ordered = [parts[job["path"]] for job in jobs]
     counts: Counter = Counter()
     for part in ordered:
@@ -325,9 +327,7 @@ def prepare(args) -> dict:
         "converted": {k.split("/", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("converted/")},
         "shards": [{k: p[k] for k in ("shard", "records", "bytes", "sha256")} for p in ordered],
     }
-    with open(manifest_path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(manifest_path + ".tmp", manifest_path)
+    paths.write_json(manifest_path, manifest, indent=2)  # written whole, at once
     skipped = ", ".join(f"{k}: {v}" for k, v in manifest["skipped"].items()) or "none"
     print(f"prepare: wrote {manifest['records']} records in {len(jobs)} shards to {args.output}; skipped: {skipped}",
           file=sys.stderr)
