@@ -6,7 +6,8 @@
 - demo_reconstructions.png: the demo's last reconstruction rows (input | reconstruction), as the
   pretrain job wrote them to W/reconstructions/;
 - demo_losses.png: the demo's loss curves, read back from its TensorBoard events;
-- dit_samples.png: the DiT demo's last class-conditional sample grid (W/samples/), with --dit.
+- dit_samples.png: the DiT demo's last class-conditional sample grid (W/samples/), each row
+  labelled with its class, with --dit.
 """
 from __future__ import annotations
 
@@ -71,6 +72,29 @@ def last_png(folder: str) -> str:
     return files[-1]
 
 
+def dit_samples(dit: str, path: str) -> None:
+    """The DiT demo's last sample grid, each row labelled with the class it was asked for."""
+    import json
+
+    import ml_collections
+
+    from vtp_jax.data import procedural
+    from vtp_jax.jobs import dit as dit_job
+
+    grid = np.asarray(Image.open(last_png(os.path.join(dit, "samples"))).convert("RGB"))
+    sample = ml_collections.ConfigDict(json.load(open(os.path.join(dit, "config.json")))["dit"]["sample"])
+    names = [procedural.CLASS_NAMES[k] for k in dit_job.grid_labels(sample, len(procedural.CLASS_NAMES))]
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    ax.imshow(grid)
+    ax.set_yticks((np.arange(len(names)) + 0.5) * grid.shape[0] / len(names), names, fontsize=8)
+    ax.set_xticks([])
+    ax.set_title(f"DiT demo: {sample.per_class} samples per requested class (CFG {sample.cfg_scale:g})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    Image.open(path).convert("RGB").quantize(colors=128).save(path, optimize=True)  # kept small in git
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", required=True, help="workdir of the configs/demo.py run")
@@ -83,9 +107,7 @@ def main() -> None:
     rows = Image.open(last_png(os.path.join(args.demo, "reconstructions")))
     rows.save(os.path.join(args.out, "demo_reconstructions.png"), optimize=True)
     if args.dit:
-        grid = Image.open(last_png(os.path.join(args.dit, "samples"))).convert("RGB")
-        small = grid.quantize(colors=128)  # kept small in git: 128 colours at full resolution
-        small.save(os.path.join(args.out, "dit_samples.png"), optimize=True)
+        dit_samples(args.dit, os.path.join(args.out, "dit_samples.png"))
     print("wrote", sorted(os.listdir(args.out)))
 
 

@@ -51,7 +51,8 @@ def test_extraction_records_flips_and_stats(tokenizer, tmp_path):
     pre = vtp_jax.load_pretrained(tokenizer)
     images, labels = [], []
     for i in range(44):
-        ex = procedural.render_example(0, i, SIZE)  # the train split: the training stream's seed
+        ex = procedural.render_example(0, i, SIZE, c.latents.data.procedural_objects,  # the train split's seed
+                                       c.latents.data.procedural_sizes)
         images.append((ex["image"] / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225])
         labels.append(ex["label"])
     images = np.asarray(images, np.float32)

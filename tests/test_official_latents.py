@@ -235,6 +235,7 @@ def tokenizer(tmp_path_factory):
 
 def _dit_config(latents="", tokenizer=""):
     c = tiny.load_config("dit_demo")
+    c.dit.update(size="tiny", patch_size=1)
     c.latents.tokenizer = tokenizer
     c.latents.data.update(image_size=SIZE, procedural_size=SIZE, batch_size=8, num_train_images=16)
     c.latents.part_batches = 2

@@ -82,7 +82,7 @@ def test_dit_moments_and_ema_follow_their_parameters(tokenizer, tmp_path):
                                                        num_classes=4, image_size=SIZE, records=8)))
     np.savez(latents / "stats.npz", mean=np.zeros(8, np.float32), std=np.ones(8, np.float32))
     c = tiny.load_config("dit_demo")
-    c.dit.update(latents=str(latents), batch_size=8, size="tiny")
+    c.dit.update(latents=str(latents), batch_size=8, size="tiny", patch_size=1)
     c.train.mesh = MESH
     c.evals = {}
     tr = jobs.build(c, sharding.make_mesh(MESH))

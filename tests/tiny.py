@@ -65,6 +65,8 @@ def dit_config(tokenizer, size=16, num_train_images=44, stats_samples=30, steps=
     """configs/dit_demo.py at test size: latents of `num_train_images` procedural images by the
     tokenizer folder, parts of 2 batches of 8, a DiT batch of 8 on one device, no evaluators."""
     c = load_config("dit_demo")
+    c.dit.update(size="tiny", patch_size=1)  # the tests' 2 x 2 latent grids; compiles in seconds
+    c.dit.sample.cfg_scale = 1.0
     c.latents.tokenizer = tokenizer
     c.latents.data.update(image_size=size, procedural_size=size, batch_size=8, num_train_images=num_train_images)
     c.latents.part_batches = 2

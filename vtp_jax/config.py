@@ -219,6 +219,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.procedural_seed = 0  # which procedural dataset (independent of the shuffle seed)
     c.procedural_records = 2 ** 31  # epoch length grain needs; the generator itself is unbounded
     c.procedural_objects = 2  # objects per scene at most (1: the label names the only object)
+    c.procedural_sizes = ("small", "large")  # object sizes drawn (data/procedural.py SIZES)
     # Batches per step, global (each process takes 1/P). VTP: 16k pairs, 4k SSL, 2k reconstruction.
     c.batch_clip = 16384  # records per step; CLIP view + tokens of all of them
     c.batch_ssl = 4096  # drawn at random from the CLIP batch; 0 = no SSL views
@@ -276,6 +277,7 @@ def eval_data_config() -> ml_collections.ConfigDict:
     c.procedural_seed = 0  # the training stream's seed
     c.procedural_size = 64
     c.procedural_objects = 2  # objects per scene at most
+    c.procedural_sizes = ("small", "large")
     c.num_images = 1000  # images of the evaluated split (0: all; procedural needs a number)
     c.num_train_images = 2000  # probes: images of the train split
     c.image_size = 256

@@ -38,7 +38,7 @@ def make_source(d: ml_collections.ConfigDict, train: bool = False):
     n = d.num_train_images if train else d.num_images
     if d.source == "procedural":
         return sources.ProceduralSource(d.procedural_seed + (0 if train else 1), d.procedural_size, n,
-                                        max_objects=d.procedural_objects)
+                                        max_objects=d.procedural_objects, sizes=d.procedural_sizes)
     if d.source == "array_record":
         paths = d.train_paths if train else d.paths
         if not paths:

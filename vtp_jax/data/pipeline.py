@@ -79,7 +79,7 @@ def make_source(c):
     """The record source config.data names (see `sources`)."""
     if c.source == "procedural":
         return sources.ProceduralSource(c.procedural_seed, c.procedural_size, c.procedural_records,
-                                        max_objects=c.procedural_objects)
+                                        max_objects=c.procedural_objects, sizes=c.procedural_sizes)
     if c.source == "array_record":
         return sources.array_record_source(c.paths)
     if c.source == "tfds":

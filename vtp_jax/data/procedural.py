@@ -101,11 +101,13 @@ def _layout(rng: np.random.Generator, sizes: list[str], relation: str | None) ->
     return [(along[i], across[i]) for i in range(2)]
 
 
-def render_example(seed: int, index: int, size: int = 64, max_objects: int = 2) -> dict:
+def render_example(seed: int, index: int, size: int = 64, max_objects: int = 2,
+                   sizes: tuple[str, ...] = tuple(SIZES)) -> dict:
     """Example `index` of the stream `seed`: {'image': (size, size, 3) uint8, 'caption', 'label'}.
 
     With max_objects=1 every scene has one object, so the label names the only object (with two,
-    which one comes first is in the caption, not in the image); the random stream is the same."""
+    which one comes first is in the caption, not in the image); the random stream is the same.
+    `sizes` restricts the object sizes drawn (("large",): shapes a 64 px tokenizer can keep)."""
     if size < 8:
         raise ValueError(f"procedural images need size >= 8 pixels, got {size}")
     if index < 0 or seed < 0:
@@ -113,9 +115,11 @@ def render_example(seed: int, index: int, size: int = 64, max_objects: int = 2) 
     rng = np.random.default_rng([seed, index])
     if max_objects not in (1, 2):
         raise ValueError(f"max_objects must be 1 or 2, got {max_objects}")
+    if not sizes or any(s not in SIZES for s in sizes):
+        raise ValueError(f"object sizes {tuple(sizes)}: expected some of {tuple(SIZES)}")
     n = 1 + int(rng.random() < 0.5 and max_objects == 2)
     objects = [dict(shape=SHAPES[rng.integers(len(SHAPES))], color=COLOR_NAMES[rng.integers(len(COLOR_NAMES))],
-                    size=tuple(SIZES)[rng.integers(len(SIZES))], fill=FILLS[rng.integers(len(FILLS))])
+                    size=tuple(sizes)[rng.integers(len(sizes))], fill=FILLS[rng.integers(len(FILLS))])
                for _ in range(n)]
     relation = RELATIONS[rng.integers(len(RELATIONS))] if n == 2 else None
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]

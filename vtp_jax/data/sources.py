@@ -59,11 +59,11 @@ class ProceduralSource:
     bounds the epoch only because grain needs a length (default 2**31: effectively unbounded)."""
 
     def __init__(self, seed: int = 0, image_size: int = 64, num_records: int = 2 ** 31, image_format: str = "png",
-                 max_objects: int = 2):
+                 max_objects: int = 2, sizes: tuple[str, ...] = tuple(procedural.SIZES)):
         if num_records <= 0:
             raise ValueError(f"num_records must be positive, got {num_records}")
         self.seed, self.image_size, self.num_records, self.image_format = seed, image_size, num_records, image_format
-        self.max_objects = max_objects
+        self.max_objects, self.sizes = max_objects, tuple(sizes)
 
     def __len__(self) -> int:
         return self.num_records
@@ -71,7 +71,7 @@ class ProceduralSource:
     def __getitem__(self, index: int) -> bytes:
         if not 0 <= index < self.num_records:
             raise IndexError(f"index {index} outside [0, {self.num_records})")
-        ex = procedural.render_example(self.seed, int(index), self.image_size, self.max_objects)
+        ex = procedural.render_example(self.seed, int(index), self.image_size, self.max_objects, self.sizes)
         return encode_record(encode_image(ex["image"], self.image_format), ex["caption"], ex["label"], str(index))
 
     def __repr__(self):

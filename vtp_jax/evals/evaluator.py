@@ -23,6 +23,7 @@ TYPES = {
     "zero_shot": "vtp_jax.evals.zero_shot:Evaluator",
     "linear_probe": "vtp_jax.evals.probes:LinearProbe",
     "knn": "vtp_jax.evals.probes:KNN",
+    "latent_structure": "vtp_jax.evals.latent_structure:Evaluator",
     "generation": "vtp_jax.evals.generation:GenerationEvaluator",
     "class_conditional": "vtp_jax.evals.generation:ClassConditionalEvaluator",
     "flow_loss": "vtp_jax.evals.generation:FlowLossEvaluator",

@@ -190,6 +190,21 @@ def _quantize(x, how):
     return how(255 * images.denormalize(x)) / 255
 
 
+def class_accuracies(predicted, labels, num_colors: int, bootstrap: int = 0, seed: int = 0) -> dict:
+    """Top-1 of the (shape, colour) class and of each factor (label = shape * num_colors + colour):
+    colour is low-level, shape is what the tokenizers' semantics could add. With `bootstrap`
+    resamples of the samples, each accuracy's 95% percentile interval (`<name>_lo`, `<name>_hi`)."""
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
+    hits = {"accuracy": predicted == labels, "shape_accuracy": predicted // num_colors == labels // num_colors,
+            "color_accuracy": predicted % num_colors == labels % num_colors}
+    out = {k: float(v.mean()) for k, v in hits.items()}
+    if bootstrap:
+        idx = np.random.default_rng(seed).integers(0, len(labels), (bootstrap, len(labels)))
+        for k, v in hits.items():
+            out[f"{k}_lo"], out[f"{k}_hi"] = (float(q) for q in np.percentile(v[idx].mean(1), [2.5, 97.5]))
+    return out
+
+
 class ClassConditionalEvaluator:
     """How recognizable class-conditional samples are, scored by a domain classifier trained on
     real images (`vtp_jax.models.classifier`): the accuracy of its prediction against the class
@@ -202,18 +217,27 @@ class ClassConditionalEvaluator:
         c.classifier_params = ""  # msgpack of vtp_jax.models.classifier.DomainClassifier params
         c.samples_per_class = 16
         c.batch_size = 64
+        # The samples' guidance; None: the DiT job's dit.sample (as the generation evaluator).
+        c.cfg_scale = ml_collections.FieldReference(None, field_type=float)
+        c.cfg_interval_start = ml_collections.FieldReference(None, field_type=float)
+        c.cfg_channels = ml_collections.FieldReference(None, field_type=int)
+        c.bootstrap = 1000  # resamples of the samples for accuracy's 95% interval (0: none)
         c.seed = 0
         return c
 
     def __init__(self, generator, mesh, e):
         from flax import serialization
 
+        overrides = {k: e[k] for k in GUIDANCE_FIELDS if e[k] is not None}
+        if overrides:
+            generator = generator.with_sample(**overrides)
         self.generator, self.mesh, self.e = generator, mesh, e
         if not e.classifier_params:
             raise ValueError("class_conditional.classifier_params is empty: give the domain classifier's weights")
         with paths.open_file(e.classifier_params) as f:
             params = serialization.msgpack_restore(f.read())
         net = DomainClassifier(generator.num_classes, params["conv0_0"]["kernel"].shape[-1])  # width from the file
+        self.num_colors = net.num_colors
         self.params = jax.device_put(params, NamedSharding(mesh, P()))
         self._classify = jax.jit(lambda p, x: net.apply({"params": p}, x))
         self._real = None
@@ -233,7 +257,7 @@ class ClassConditionalEvaluator:
         labels_all = np.repeat(np.arange(g.num_classes), e.samples_per_class).astype(np.int32)
         rng = np.random.default_rng(e.seed)
         place = lambda a: jax.device_put(a, sharding.batch_sharding(self.mesh, a.ndim))  # noqa: E731
-        hits, feats = 0, []
+        predicted, feats = [], []
         for start in range(0, len(labels_all), e.batch_size):
             labels = labels_all[start:start + e.batch_size]
             n = len(labels)
@@ -242,12 +266,13 @@ class ClassConditionalEvaluator:
             images = g.images(params, place(noise), place(labels))
             logits, f = self._classify(self.params, jnp.floor(255 * images) / 255)
             logits, f = multihost_utils.process_allgather((logits, f), tiled=True)
-            hits += int(np.sum(np.argmax(np.asarray(logits)[:n], -1) == labels[:n]))
+            predicted.append(np.argmax(np.asarray(logits)[:n], -1))
             feats.append(np.asarray(f, np.float64)[:n])
         fake, real = np.concatenate(feats), self.real_features()
-        return {"accuracy": hits / len(labels_all),
-                "frechet": fid.frechet_distance(fake.mean(0), np.cov(fake, rowvar=False), real.mean(0),
-                                                np.cov(real, rowvar=False))}
+        out = class_accuracies(np.concatenate(predicted), labels_all, self.num_colors, e.bootstrap, e.seed)
+        out["frechet"] = fid.frechet_distance(fake.mean(0), np.cov(fake, rowvar=False), real.mean(0),
+                                              np.cov(real, rowvar=False))
+        return out
 
 
 class FlowLossEvaluator:

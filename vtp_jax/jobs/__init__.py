@@ -22,7 +22,7 @@ JOBS = {
     "extract_latents": extract_latents,  # a tokenizer's latents of a dataset, for the DiT
     "dit": dit,  # a LightningDiT trained on cached latents, sampled and scored
     "sample": sample,  # N samples of a DiT (workdir or official checkpoint) as samples.npz, for FID
-    "study": study,  # the miniature 'understanding drives generation' study
+    "study": study,  # the miniature study: understanding, spatial structure and generation
 }
 
 

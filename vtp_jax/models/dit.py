@@ -22,7 +22,9 @@ import numpy as np
 from vtp_jax.models.layers import Attention, Mlp, apply_blocks, interleaved_rope_tables, norm_layer, param_with_axes
 
 # (depth, width, heads) of the official model names; head counts are not stored in checkpoints.
-DIT_SIZES = {"tiny": (2, 64, 2), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+# 'tiny' is for tests; 'mini' is the smallest that draws the requested object in the CPU study
+# (benchmarks/RESULTS.md, "The study's DiT recipe").
+DIT_SIZES = {"tiny": (2, 64, 2), "mini": (4, 192, 3), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 
 NORM_EPS = 1e-6  # LightningDiT's RMSNorm (blocks, final layer and q/k norms)
 FREQ_DIM = 256  # sinusoidal timestep features

@@ -229,7 +229,9 @@ def run(job_module, config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = paths.resolve(workdir)
     mesh = make_mesh(config)
     validate(job_module, config, sharding.batch_size_of(mesh), jax.process_count())  # before the lock, before compiling
-    with checkpointing.WorkdirLock(workdir) as lock:
+    # A run starts from no mesh even when another job's run calls it (the study runs pretrain,
+    # eval and dit inside its own): each job builds on its own mesh.
+    with jax.set_mesh(None), checkpointing.WorkdirLock(workdir) as lock:
         return _run(job_module, config, workdir, lock, mesh)
 
 
@@ -301,6 +303,7 @@ def _run(job_module, config: ml_collections.ConfigDict, workdir: str, lock: chec
         if t.eval_at_start and start == 0 and steps:  # the "before" numbers (W/metrics_start.json)
             _write_json(paths.join(workdir, "metrics_start.json"), evaluate(0, all_of_them=True))
         metrics, compiled, flops, peak, last_t = {}, None, float("nan"), float("nan"), None
+        t_train = time.perf_counter()
         for step in range(start, steps):
             batch = sharding.global_batch(next(data_iter), mesh) if data_iter is not None else None
             if compiled is None:
@@ -344,6 +347,10 @@ def _run(job_module, config: ml_collections.ConfigDict, workdir: str, lock: chec
                 writer.flush()
                 events.sync()
         manager.wait_until_finished()
+        if compiled is not None and jax.process_index() == 0:  # the compute spent: what the study plots against
+            _write_json(paths.join(workdir, "cost.json"), {
+                "flops_per_step": flops, "steps": steps, "steps_this_run": steps - start,
+                "seconds_this_run": time.perf_counter() - t_train, "devices": jax.device_count()})
         results.update(evaluate(steps))
         if results:
             _write_json(paths.join(workdir, "metrics.json"), results)
