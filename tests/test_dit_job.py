@@ -99,6 +99,14 @@ def test_dit_job_trains_samples_and_resumes(tokenizer, tmp_path):
     assert any(jax.tree.leaves(differs))  # the EMA is its own pytree, behind the params
 
 
+def test_sample_grid_label_outside_the_classes_is_one_error_before_training(tokenizer, tmp_path):
+    c = dit_config(tokenizer)
+    c.dit.sample.labels = (3, 64)  # the procedural latents have 64 classes: 0 .. 63
+    with pytest.raises(runner.ConfigError, match=r"dit.sample.labels \[64\]: class ids must lie in \[0, 64\)"):
+        jobs.run(c, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_dit_xl_recipe_compiles_on_8_devices(tmp_path):
     """The release's XL/1 recipe (28 x 1152, scanned blocks) compiles on 8 fake CPU devices at a
     small batch with the step sharded by the logical axis names (compile only)."""

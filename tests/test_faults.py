@@ -233,6 +233,7 @@ def test_steps_at_or_below_the_restored_step_touch_nothing(workdir, caplog):
 @pytest.mark.parametrize("field,value", [
     ("train.steps", -5), ("train.keep_checkpoints", 0), ("train.log_every", 0), ("train.checkpoint_every", 0),
     ("train.images_every", -1), ("train.max_nonfinite", 0), ("model.dtype", "bf16"), ("model.remat", "some"),
+    ("data.procedural_sizes", ("huge",)),
 ])
 def test_bad_values_are_config_errors_before_compile(workdir, monkeypatch, field, value):
     monkeypatch.setattr(runner, "build", lambda *a, **k: pytest.fail("built (and compiled) despite a bad config"))

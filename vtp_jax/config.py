@@ -13,6 +13,8 @@ import numbers
 
 import ml_collections
 
+from vtp_jax.data import procedural
+
 
 class ConfigError(ValueError):
     """An impossible config, reported before anything compiles."""
@@ -402,4 +404,16 @@ def value_errors(config: ml_collections.ConfigDict) -> list[str]:
         v = _get(config, path)
         if v is not _ABSENT and v not in allowed:
             errs.append(f"{path}={v!r}: expected one of {', '.join(repr(a) for a in allowed)}")
+    for path, sizes in _find(config, "procedural_sizes"):  # data, latents.data, every evaluator's data
+        if isinstance(sizes, str) or not sizes or any(x not in procedural.SIZES for x in sizes):
+            errs.append(f"{path}={sizes!r}: expected a non-empty tuple of {tuple(procedural.SIZES)}")
     return errs
+
+
+def _find(config, name: str, prefix: str = ""):
+    """(dotted path, value) of every field `name` in the config's nested sections."""
+    for key, value in config.items():
+        if key == name:
+            yield prefix + key, value
+        elif isinstance(value, (ml_collections.ConfigDict, dict)):
+            yield from _find(value, name, f"{prefix}{key}.")

@@ -46,6 +46,20 @@ def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
     return float(np.mean(scores))
 
 
+def _guidance_defaults(c: ml_collections.ConfigDict):
+    """An evaluator's own guidance fields; None: the DiT job's dit.sample. cfg_channels k >= the
+    latent channels: all."""
+    c.cfg_scale = ml_collections.FieldReference(None, field_type=float)
+    c.cfg_interval_start = ml_collections.FieldReference(None, field_type=float)
+    c.cfg_channels = ml_collections.FieldReference(None, field_type=int)
+
+
+def _guided(generator, e):
+    """The generator with the entry's guidance fields that are set."""
+    overrides = {k: e[k] for k in GUIDANCE_FIELDS if e[k] is not None}
+    return generator.with_sample(**overrides) if overrides else generator
+
+
 class GenerationEvaluator:
     @staticmethod
     def defaults():
@@ -57,17 +71,12 @@ class GenerationEvaluator:
         c.sfid = True  # sFID on the spatial features (reference: the file's mu_s / sigma_s, else `data`)
         c.precision_recall = True  # improved precision / recall (real features: the file's arr_0, else `data`)
         c.nearest_k = 3  # precision / recall neighbourhood (ADM: 3)
-        # The samples' guidance; None: the DiT job's dit.sample. cfg_channels k >= the latent channels: all.
-        c.cfg_scale = ml_collections.FieldReference(None, field_type=float)
-        c.cfg_interval_start = ml_collections.FieldReference(None, field_type=float)
-        c.cfg_channels = ml_collections.FieldReference(None, field_type=int)
+        _guidance_defaults(c)
         c.seed = 0
         return c
 
     def __init__(self, generator, mesh, e):
-        overrides = {k: e[k] for k in GUIDANCE_FIELDS if e[k] is not None}
-        if overrides:
-            generator = generator.with_sample(**overrides)
+        generator = _guided(generator, e)
         self.generator, self.mesh, self.e = generator, mesh, e
         self.enabled = not evaluator.missing_weights("generation", "Inception", e.inception_params,
                                                      "inception_params")
@@ -217,10 +226,7 @@ class ClassConditionalEvaluator:
         c.classifier_params = ""  # msgpack of vtp_jax.models.classifier.DomainClassifier params
         c.samples_per_class = 16
         c.batch_size = 64
-        # The samples' guidance; None: the DiT job's dit.sample (as the generation evaluator).
-        c.cfg_scale = ml_collections.FieldReference(None, field_type=float)
-        c.cfg_interval_start = ml_collections.FieldReference(None, field_type=float)
-        c.cfg_channels = ml_collections.FieldReference(None, field_type=int)
+        _guidance_defaults(c)
         c.bootstrap = 1000  # resamples of the samples for accuracy's 95% interval (0: none)
         c.seed = 0
         return c
@@ -228,9 +234,7 @@ class ClassConditionalEvaluator:
     def __init__(self, generator, mesh, e):
         from flax import serialization
 
-        overrides = {k: e[k] for k in GUIDANCE_FIELDS if e[k] is not None}
-        if overrides:
-            generator = generator.with_sample(**overrides)
+        generator = _guided(generator, e)
         self.generator, self.mesh, self.e = generator, mesh, e
         if not e.classifier_params:
             raise ValueError("class_conditional.classifier_params is empty: give the domain classifier's weights")

@@ -231,10 +231,10 @@ def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None
                                                process_count=jax.process_count())
 
     s = config.dit.sample
+    labels = np.repeat(grid_labels(s, model.num_classes), s.per_class).astype(np.int32)  # checked before training
 
     def write_samples(step, state, batch, writer, workdir):
         del batch
-        labels = np.repeat(grid_labels(s, model.num_classes), s.per_class).astype(np.int32)
         noise = jax.random.normal(jax.random.key(config.seed), (len(labels), *generator.latent_shape))
         samples = np.asarray(jax.device_get(generator.images(state.ema_params, noise, jnp.asarray(labels))))
         picture = (images.grid(samples, len(labels) // s.per_class) * 255).astype(np.uint8)
@@ -251,6 +251,10 @@ def grid_labels(sample: ml_collections.ConfigDict, num_classes: int) -> np.ndarr
     num_classes // classes + 1 apart. The +1 matters for factorised labels (procedural: shape * 8 +
     colour): a stride of 8 would give eight shapes in one colour, 9 steps through both."""
     if sample.labels:
+        bad = [k for k in sample.labels if not 0 <= k < num_classes]
+        if bad:
+            raise runner.ConfigError(f"dit.sample.labels {bad}: class ids must lie in [0, {num_classes}) (the "
+                                     "latents' classes)")
         return np.asarray(sample.labels, np.int32)
     return (np.arange(sample.classes) * (num_classes // sample.classes + 1) % num_classes).astype(np.int32)
 
