@@ -18,7 +18,7 @@ import os
 from vtp_jax import jobs
 from vtp_jax.evals import evaluator
 
-VARIANTS = ("", "smoke", "large")
+VARIANTS = ("", "smoke", "full", "large")
 
 
 def _template(name):
@@ -89,6 +89,9 @@ def get_config(arg: str = ""):
         s.evals.latent_structure.far_dist = 2  # a 2 x 2 latent grid
         s.budgets = (1, 2)  # both budgets' code paths, still seconds
         s.classifier.update(num_train=512, num_val=256, image_size=16, steps=20, width=8)
+    elif arg == "full":  # the paper's four-way ablation on the default recipe, three seeds (~5 CPU-hours)
+        s.variants = ("ae", "clip_ae", "ssl_ae", "vtp")
+        s.seeds = (0, 1, 2)
     elif arg == "large":  # an accelerator's budget: all four objectives, three budgets, three seeds
         tok.train.update(steps=2_500, log_every=100)
         tok.data.update(batch_clip=256, batch_ssl=64, batch_rec=64)

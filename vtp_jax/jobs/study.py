@@ -234,9 +234,14 @@ def _done(workdir: str) -> bool:
 
 
 def run_one(s, variant: str, budget: int, seed: int, classifier: str, root: str) -> dict:
-    """One tokenizer through pre-training, evaluation, latents and its DiT; returns its row."""
+    """One tokenizer through pre-training, evaluation, latents and its DiT; returns its row, also
+    kept as W/runs/<name>/row.json: a run with a row is done (the row and its sample grid are all
+    a later session needs to resume a study whose workdir is gone)."""
     name = run_name(variant, budget, seed)
     d = paths.join(root, "runs", name)
+    row_file = paths.join(d, "row.json")
+    if paths.isfile(row_file):
+        return paths.read_json(row_file)
     t0 = time.time()
     tok_dir, eval_dir, dit_dir = (paths.join(d, n) for n in ("tokenizer", "eval", "dit"))
     if not paths.isdir(paths.join(tok_dir, "export")):
@@ -274,6 +279,7 @@ def run_one(s, variant: str, budget: int, seed: int, classifier: str, root: str)
         name_in = k.replace("gen_", "")
         row[k], row[f"{k}_lo"], row[f"{k}_hi"] = (gen.get(g + name_in + sfx, np.nan) for sfx in ("", "_lo", "_hi"))
     row["minutes"] = (time.time() - t0) / 60
+    paths.write_json(row_file, row)
     return row
 
 
