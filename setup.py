@@ -6,12 +6,14 @@ decode, features, CLIP towers) and `python -m vtp_jax.reconstruct`, with no Tens
   [eval]   the same packages the evaluators and the DiT sampler need (an alias of [train])
   [hub]    released weights by Hugging Face hub id (MiniMaxAI/VTP-Large-f16d64)
   [torch]  converting torch weight files (LPIPS VGG16, FID Inception, LightningDiT .pt)
-  [test]   what the test suite needs: [train] + [hub] + pytest and a local GCS emulator
+  [tpu]    libtpu for TPU VMs; on a CPU it compiles jobs for TPU topologies (train.compile_for)
+  [test]   what the test suite needs: [train] + [hub] + [tpu] + pytest and a local GCS emulator
 """
 from setuptools import find_packages, setup
 
+JAX = "0.10.2"  # the version CI tests; libtpu and the CUDA plugins are built for one jax version each
 CORE = [
-    "jax>=0.7",
+    f"jax=={JAX}",
     "flax>=0.10",
     "numpy>=1.26",
     "ml_collections>=1.0",
@@ -58,6 +60,7 @@ setup(
         "eval": TRAIN,
         "hub": HUB,
         "torch": ["torch"],  # only to convert torch weight files and for parity checks
-        "test": TRAIN + HUB + ["pytest>=8", "gcp-storage-emulator"],
+        "tpu": [f"jax[tpu]=={JAX}"],  # libtpu: TPU VMs, and the compile plan (train.compile_for) on any Linux x86 CPU
+        "test": TRAIN + HUB + [f"jax[tpu]=={JAX}", "pytest>=8", "gcp-storage-emulator"],
     },
 )

@@ -20,13 +20,12 @@ import subprocess
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from common import compiled_step, load_config, record
+from common import load_config, record
 from vtp_jax import jobs, sharding
 from vtp_jax.jobs import pretrain
-from vtp_jax.train import runner
+from vtp_jax.train import aot, runner
 
 
 def cpu_model() -> str:
@@ -78,18 +77,7 @@ def step_time(name, ks, rounds, steps):
     return lines
 
 
-def abstract_lpips(config, mesh):
-    """LPIPS-VGG16 weights as replicated ShapeDtypeStructs: the step compiles with LPIPS in it."""
-    from vtp_jax.models.lpips import LPIPS, MIN_SIZE
-
-    img = jax.ShapeDtypeStruct((1, MIN_SIZE, MIN_SIZE, 3), jnp.float32)
-    shapes = jax.eval_shape(LPIPS().init, jax.random.key(0), img, img)["params"]
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
-
-
 def memory(name, per_device, ks, mesh_shape=(1, 8, 1)):
-    pretrain.load_lpips = abstract_lpips  # the config's LPIPS term, without a weights file
     lines = []
     for k in ks:
         c = load_config(name)
@@ -99,17 +87,15 @@ def memory(name, per_device, ks, mesh_shape=(1, 8, 1)):
         d.batch_ssl, d.batch_rec = d.batch_clip // 4, d.batch_clip // 8
         c.objectives.lpips_params = __file__  # any existing file: validation only checks it exists
         c.train.accum_steps = k
-        tr = jobs.build(c, sharding.make_mesh(mesh_shape))
-        compiled, compile_s = compiled_step(tr)
-        mem = compiled.memory_analysis()
-        m = c.model
+        r = aot.compile_step(jobs.get(c.job), c, sharding.make_mesh(mesh_shape))  # abstract: LPIPS as shapes
+        mem, m = r["memory"], c.model
         lines.append(
-            f"{name} compiled step, mesh (data, fsdp, tensor) = {tuple(mesh_shape)}, per device B_clip / ssl / rec "
-            f"{per_device} / {per_device // 4} / {per_device // 8} (global {d.batch_clip} / {d.batch_ssl} / "
+            f"{name} compiled step (XLA:CPU), mesh (data, fsdp, tensor) = {tuple(mesh_shape)}, per device B_clip / ssl "
+            f"/ rec {per_device} / {per_device // 4} / {per_device // 8} (global {d.batch_clip} / {d.batch_ssl} / "
             f"{d.batch_rec}), accum_steps {k} (micro-batch per device {per_device // k} / {per_device // 4 // k} / "
             f"{per_device // 8 // k}; {m.dtype}, remat {m.remat}, scan_layers {m.scan_layers}, LPIPS on): temporaries "
-            f"{mem.temp_size_in_bytes / 2**30:.2f} GiB, arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB per "
-            f"device (compile {compile_s:.0f} s)")
+            f"{mem['temporaries'] / 2**30:.2f} GiB, arguments {mem['arguments'] / 2**30:.2f} GiB per "
+            f"device (compile {r['compile_seconds']:.0f} s)")
         print(lines[-1], flush=True)
     return lines
 

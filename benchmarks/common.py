@@ -20,25 +20,6 @@ def load_config(name: str):
     return module.get_config()
 
 
-def compiled_step(tr):
-    """(compiled train step of a Trainer on abstract, batch-sharded inputs, compile seconds): what
-    the memory figures read `memory_analysis()` from; nothing is allocated or run."""
-    import time
-
-    from vtp_jax import sharding
-    from vtp_jax.jobs import pretrain
-    from vtp_jax.train import runner
-
-    spec = pretrain.batch_spec(tr.config)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(tr.mesh, len(v.shape)))
-             for k, v in spec.items()}
-    t = time.perf_counter()
-    with runner.scope(tr):
-        state = jax.eval_shape(tr.init, jax.random.key(0))
-        compiled = tr.step.lower(state, batch, tr.consts).compile()
-    return compiled, time.perf_counter() - t
-
-
 def machine() -> str:
     d = jax.devices()[0]
     return f"{platform.node() or 'host'}: {os.cpu_count()} CPU cores, {jax.device_count()} x {d.device_kind} ({d.platform})"

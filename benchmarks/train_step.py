@@ -18,10 +18,10 @@ import time
 import jax
 import numpy as np
 
-from common import compiled_step, load_config, record
+from common import load_config, record
 from vtp_jax import jobs, sharding
 from vtp_jax.jobs import pretrain
-from vtp_jax.train import runner
+from vtp_jax.train import aot, runner
 
 
 def shaped(name: str, batch: int, image: int | None):
@@ -161,12 +161,12 @@ def memory(name, batch, image, compile_meshes=((1, 8, 1),)):
                      f"AdamW) {state_bytes / 2**30:.2f} GiB/device")
     for shape in compile_meshes:
         c, tr = trainer(shape)
-        compiled, compile_s = compiled_step(tr)
-        mem = compiled.memory_analysis()
-        lines.append(f"{name} compiled step on mesh (data, fsdp, tensor) = {tuple(shape)} (B_clip / ssl / rec "
-                     f"{c.data.batch_clip} / {c.data.batch_ssl} / {c.data.batch_rec}, bf16, remat full, scanned): "
-                     f"arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB + temporaries "
-                     f"{mem.temp_size_in_bytes / 2**30:.2f} GiB per device (compile {compile_s:.0f} s)")
+        r = aot.compile_step(jobs.get(c.job), c, tr.mesh)  # abstract: nothing allocated or run
+        mem = r["memory"]
+        lines.append(f"{name} compiled step (XLA:CPU) on mesh (data, fsdp, tensor) = {tuple(shape)} (B_clip / ssl / "
+                     f"rec {c.data.batch_clip} / {c.data.batch_ssl} / {c.data.batch_rec}, bf16, remat full, scanned): "
+                     f"arguments {mem['arguments'] / 2**30:.2f} GiB + temporaries {mem['temporaries'] / 2**30:.2f} GiB "
+                     f"per device (compile {r['compile_seconds']:.0f} s)")
     return lines
 
 

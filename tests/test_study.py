@@ -37,27 +37,50 @@ def test_class_accuracies_factorise_and_bootstrap():
     assert many["accuracy_hi"] - many["accuracy_lo"] == pytest.approx(2 * half, rel=0.1)
 
 
-def _row(variant, budget, gen, lo, hi, probe=0.2):
+def _row(variant, budget, seed, gen, probe=0.2):
     r = {k: 0.5 for k in study.COLUMNS}
-    r.update(variant=variant, budget=budget, seed=0, gen_accuracy=gen, gen_accuracy_lo=lo, gen_accuracy_hi=hi,
-             linear_probe_top1=probe, recon_accuracy=0.9, lds=gen)
+    r.update(variant=variant, budget=budget, seed=seed, gen_accuracy=gen, linear_probe_top1=probe, recon_accuracy=0.9,
+             lds=gen + 0.01 * seed)
     return r
 
 
-def test_findings_judge_claims_by_their_intervals():
-    rows = [_row("ae", 1, 0.30, 0.27, 0.33), _row("vtp", 1, 0.32, 0.29, 0.35, probe=0.3),
-            _row("ae", 4, 0.31, 0.28, 0.34), _row("vtp", 4, 0.50, 0.47, 0.53, probe=0.25)]
-    lines = "\n".join(study.findings(study.summarize(rows), n_probe=1000))
-    assert "than the AE's at 1x compute: **not separated**" in lines  # overlapping intervals
-    assert "than the AE's at 4x compute: **held**" in lines
-    assert "VTP's generation improves from 1x to 4x compute: **held**" in lines
-    assert "the AE's generation improves from 1x to 4x compute (the paper: it stagnates): **not separated**" in lines
-    assert "+0.020 at 1x, +0.190 at 4x (it moves towards VTP with compute" in lines
-    # linear probe over n = 1000 images (binomial intervals): 0.3 vs 0.2 apart, 0.25 vs 0.2 overlapping
+def test_two_level_bootstrap_against_closed_forms():
+    """One seed of n items: the binomial normal approximation p +- 1.96 sqrt(p (1 - p) / n). Many
+    seeds of a column without item noise: the mean +- 1.96 sd / sqrt(S)."""
+    n = 1000
+    one = study.Bootstrap([_row("ae", 1, 0, 0.3)], {"gen_accuracy": n}, draws=20000)
+    lo, hi = one.interval(("ae", 1), "gen_accuracy")
+    assert hi - lo == pytest.approx(2 * 1.96 * np.sqrt(0.3 * 0.7 / n), rel=0.05)
+    values = np.random.default_rng(0).normal(0.4, 0.05, 400)
+    many = study.Bootstrap([_row("ae", 1, i, v) for i, v in enumerate(values)], {}, draws=20000)
+    lo, hi = many.interval(("ae", 1), "gen_accuracy")
+    assert hi - lo == pytest.approx(2 * 1.96 * values.std() / np.sqrt(len(values)), rel=0.05)
+    # seeds and items together: the variances add (mean of 3 seeds each of n items)
+    three = [0.30, 0.36, 0.33]
+    both = study.Bootstrap([_row("ae", 1, i, v) for i, v in enumerate(three)], {"gen_accuracy": n}, draws=20000)
+    spread = np.std(three) ** 2 / 3 + np.mean([p * (1 - p) for p in three]) / n / 3
+    d = both.of(("ae", 1), "gen_accuracy")
+    assert d.std() == pytest.approx(np.sqrt(spread), rel=0.1)
+
+
+def test_findings_judge_claims_by_intervals_of_differences():
+    rows = []
+    for seed, (ae1, vtp1, ae4, vtp4, clip4) in enumerate([(0.30, 0.31, 0.31, 0.50, 0.20), (0.31, 0.30, 0.30, 0.52, 0.21),
+                                                          (0.29, 0.32, 0.32, 0.49, 0.19)]):
+        rows += [_row("ae", 1, seed, ae1), _row("vtp", 1, seed, vtp1, probe=0.3), _row("ae", 4, seed, ae4),
+                 _row("vtp", 4, seed, vtp4, probe=0.21), _row("clip_ae", 4, seed, clip4)]
+    lines = "\n".join(study.findings(rows, {"gen_accuracy": 1000, "linear_probe_top1": 1000}))
+    assert "VTP's latents generate the requested object better than the AE's at 1x compute: **not separated**" in lines
+    assert "VTP's latents generate the requested object better than the AE's at 4x compute: **held**" in lines
+    assert "CLIP+AE's latents generate the requested object better than the AE's at 4x compute: **did NOT hold**" in lines
+    assert "VTP's generation improves from 1x to 4x compute: **held** (gen_accuracy difference +0.193" in lines
+    assert "AE's generation improves from 1x to 4x compute (the paper: the AE stagnates): **not separated**" in lines
+    assert "the VTP - AE gap grows with compute (the paper: understanding pays more as compute grows): **held**" in lines
+    # the linear probe over 1000 images: 0.3 vs 0.2 apart, 0.21 vs 0.2 within its noise
     assert "more linearly separable than the AE's at 1x: **held**" in lines
     assert "more linearly separable than the AE's at 4x: **not separated**" in lines
-    assert "spatial structure predicts generation better than global semantics: **held**" in lines  # lds = gen here
-    assert "at best 90.0%" in lines
+    assert "lds +1.00" in lines and "The best predictor of generation here: **lds**" in lines  # lds tracks gen
+    assert "at best 90.0%" in lines and "Seeds per cell: 3" in lines
 
 
 def test_sample_grid_rows_vary_colour_and_shape():

@@ -79,7 +79,7 @@ def model_config() -> ml_collections.ConfigDict:
     c.head.prototypes = 65536
     # Numerics and memory.
     c.dtype = "float32"  # compute dtype ('bfloat16' for training at scale); params stay float32.
-    c.remat = "none"  # 'none' | 'full' | 'dots' (save matmul outputs) per block.
+    c.remat = "none"  # 'none' | 'full' | 'dots' (save matmul outputs) per block; 'auto': the compile plan picks.
     c.attention = "xla"  # implementation for jax.nn.dot_product_attention: 'xla' | 'cudnn'.
     # Run each block stack (trunk, pixel decoder, text tower) as one nn.scan: parameters stacked as
     # <tower>/blocks/... on a leading 'layers' axis instead of blocks_0 .. blocks_{depth-1}; compile
@@ -203,7 +203,17 @@ def train_config() -> ml_collections.ConfigDict:
     # of every SSL crop, and the head then runs on the whole batch (its activations do not shrink;
     # the paper recipe has no BatchNorm). Stochastic depth draws its subsets per micro-batch: only
     # with drop_path_* = 0 is the step identical to accum_steps = 1.
-    c.accum_steps = 1
+    c.accum_steps = 1  # 0: auto, the smallest that fits the device's memory (train/aot.py)
+    # Compile instead of run (train/aot.py): a TPU topology, as a Cloud accelerator type ("v5p-128",
+    # "v5e-256", "v6e-256", "v4-64", "v5litepod-16") or a chip grid ("v5p:4x4x4"), for which the job
+    # is built from shapes and AOT-compiled on this machine's CPU (`pip install -e ".[tpu]"`): per-chip
+    # memory, FLOPs and collectives in W/compiled.json, exit 0 only when it fits. No data or weight
+    # file is read or checked; nothing is allocated or run.
+    c.compile_for = ""
+    c.compile_slices = 1  # slices of that topology (multi-slice: with dcn_mesh, e.g. (2, 1, 1))
+    # Fraction of a device's memory the compile plan leaves free (fragmentation, the runtime,
+    # evaluators): a step fits when its compiled total is <= (1 - hbm_margin) x the device's memory.
+    c.hbm_margin = 0.1
     return c
 
 
@@ -344,6 +354,19 @@ def model_config_for(config: ml_collections.ConfigDict) -> ml_collections.Config
         m.decoder.depth = 0
     return m
 
+def auto_fields(config: ml_collections.ConfigDict) -> list[str]:
+    """The fields set to 'choose for me' (train.accum_steps = 0, a remat of 'auto'), which the
+    compile-plan search resolves before a run (vtp_jax/train/aot.py)."""
+    out = ["train.accum_steps"] if config.get("train", {}).get("accum_steps", 1) == 0 else []
+    return out + [f"{s}.remat" for s in ("model", "dit") if config.get(s, {}).get("remat") == "auto"]
+
+
+def checks_files(config: ml_collections.ConfigDict) -> bool:
+    """Whether validation checks the data and weight files a run reads: not while compiling for a
+    TPU topology (train.compile_for), which reads none of them (a tokenizer's config.json aside)."""
+    return not config.get("train", {}).get("compile_for")
+
+
 # field: (smallest allowed value, what the field means)
 TRAIN_COUNTS = {
     "steps": (0, "the step the run ends at"),
@@ -353,11 +376,13 @@ TRAIN_COUNTS = {
     "images_every": (0, "steps between image writes; 0: none"),
     "max_nonfinite": (1, "non-finite steps in a row before the run aborts"),
     "profile_steps": (0, "steps profiled; 0: none"),
+    "accum_steps": (0, "micro-batches per step; 0: auto"),
+    "compile_slices": (1, "slices of the compile_for topology"),
 }
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots"),
+    "model.remat": ("none", "full", "dots", "auto"),  # auto: the compile plan picks (train/aot.py)
     "model.attention": ("xla", "cudnn"),
     "model.mlp": ("swiglu", "gelu"),
     "model.norm": ("rmsnorm", "layernorm"),
@@ -400,6 +425,9 @@ def value_errors(config: ml_collections.ConfigDict) -> list[str]:
         f = t.divergence_factor
         if isinstance(f, bool) or not isinstance(f, numbers.Real) or not (f == 0 or f > 1):
             errs.append(f"train.divergence_factor={f!r}: expected 0 (off) or a number > 1")
+    if "hbm_margin" in t and (isinstance(t.hbm_margin, bool) or not isinstance(t.hbm_margin, numbers.Real)
+                              or not 0 <= t.hbm_margin < 1):
+        errs.append(f"train.hbm_margin={t.hbm_margin!r}: expected a fraction in [0, 1) of device memory left free")
     for path, allowed in CHOICES.items():
         v = _get(config, path)
         if v is not _ABSENT and v not in allowed:

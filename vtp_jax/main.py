@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from vtp_jax import jobs
 from vtp_jax.checkpoints.released import CheckpointError
 from vtp_jax.config import ConfigError
-from vtp_jax.train import checkpointing
+from vtp_jax.train import aot, checkpointing
 
 config_flags.DEFINE_config_file("config", None, "configs/*.py file", lock_config=True)
 flags.DEFINE_string("workdir", None, "logs, reconstructions and checkpoints (local path or gs://)")
@@ -59,7 +59,8 @@ def main(argv):
     try:
         jobs.run(FLAGS.config, FLAGS.workdir)
     except (ConfigError, CheckpointError, FileNotFoundError,  # bad input: the message, no traceback
-            checkpointing.RunError, FloatingPointError) as e:  # a locked workdir, unusable checkpoints, divergence
+            checkpointing.RunError, FloatingPointError,  # a locked workdir, unusable checkpoints, divergence
+            aot.DoesNotFit) as e:  # the compile plan (train.compile_for): the step needs more memory than a chip has
         logging.error("%s", e)
         sys.exit(f"error: {e}")
 

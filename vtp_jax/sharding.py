@@ -40,12 +40,17 @@ LOGICAL_RULES = (
 
 
 def make_mesh(shape: Sequence[int], devices=None, dcn: Sequence[int] | None = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh laid out on the physical topology (`jax.make_mesh`: on a TPU
-    slice neighbouring mesh coordinates are neighbouring chips); one -1 entry takes the remaining
-    devices. `dcn`: how many slices (or hosts, off TPU) each axis spans, for multi-slice runs: a
-    hybrid mesh whose slow data-centre-network links carry only the axes `dcn` names
-    (`mesh_utils.create_hybrid_device_mesh`; usually (slices, 1, 1): data parallel across slices).
-    A mesh that does not fit the devices is a ValueError saying why."""
+    """The (data, fsdp, tensor) mesh laid out on the physical topology: one -1 entry takes the
+    remaining devices. `dcn`: how many slices (or hosts, off TPU) each axis spans, for multi-slice
+    runs: a hybrid mesh whose slow data-centre-network links carry only the axes `dcn` names
+    (usually (slices, 1, 1): data parallel across slices). A mesh that does not fit the devices is
+    a ValueError saying why.
+
+    On a TPU slice neighbouring mesh coordinates are neighbouring chips (`mesh_utils`). An axis
+    whose size is a product of whole physical axes gets them (fsdp 16 on a 4x4x4 v5p slice: a
+    4 x 4 plane, closed rings); one that is not splits a physical axis (fsdp 8 on 4x4x4, or on a
+    16x16 v6e / v5e slice: a 4 x 2 or 8 x 1 block of chips): still chip-to-chip links, without the
+    wraparound of the split axis. `jax.make_mesh` splits only on v5e and refuses elsewhere."""
     devices = list(jax.devices() if devices is None else devices)
     shape = list(shape)
     if len(shape) != 3 or shape.count(-1) > 1:
@@ -61,19 +66,48 @@ def make_mesh(shape: Sequence[int], devices=None, dcn: Sequence[int] | None = No
     if n < len(devices):
         logging.warning("mesh %s uses %d of %d devices", tuple(shape), n, len(devices))
     auto = (AxisType.Auto,) * len(MESH_AXES)  # shardings follow the inputs; losses reshard explicitly
-    if not dcn or all(d == 1 for d in dcn):
-        return jax.make_mesh(tuple(shape), MESH_AXES, devices=devices[:n], axis_types=auto)
-    dcn = list(dcn)
-    if len(dcn) != 3 or any(s % d for s, d in zip(shape, dcn)):
-        raise ValueError(f"dcn mesh {tuple(dcn)} must be 3 sizes dividing the mesh {tuple(shape)}")
-    ici = [s // d for s, d in zip(shape, dcn)]
-    granules = len({getattr(d, "slice_index", None) for d in devices[:n]})
-    by_process = granules == 1  # off TPU, a process (host) is the unit the slow network joins
-    try:
-        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices[:n], process_is_granule=by_process)
-    except (ValueError, AssertionError) as e:
-        raise ValueError(f"mesh {tuple(shape)} as {tuple(dcn)} slices of {tuple(ici)}: {e}") from None
-    return Mesh(grid, MESH_AXES, axis_types=auto)
+    return Mesh(_device_grid(shape, devices[:n], dcn), MESH_AXES, axis_types=auto)
+
+
+def _device_grid(shape: list[int], devices: list, dcn) -> np.ndarray:
+    """`devices` as an array of `shape` (mesh_utils), physical axes split only where needed."""
+    hybrid = dcn is not None and any(d != 1 for d in dcn)
+    if hybrid:
+        dcn = list(dcn)
+        if len(dcn) != 3 or any(s % d for s, d in zip(shape, dcn)):
+            raise ValueError(f"dcn mesh {tuple(dcn)} must be 3 sizes dividing the mesh {tuple(shape)}")
+        ici = [s // d for s, d in zip(shape, dcn)]
+        by_process = len({getattr(d, "slice_index", None) for d in devices}) == 1  # off TPU: hosts are the granules
+    for split in (False, True):
+        try:
+            if hybrid:
+                return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process,
+                                                            allow_split_physical_axes=split)
+            return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=split)
+        except NotImplementedError as e:  # no assignment to whole physical axes
+            if split:
+                raise ValueError(str(e).split(".")[0]) from None
+            logging.info("mesh %s: an axis is not a product of physical axes; splitting one", tuple(shape))
+        except (ValueError, AssertionError) as e:
+            what = f"as {tuple(dcn)} slices of {tuple(ici)}" if hybrid else "on these devices"
+            raise ValueError(f"mesh {tuple(shape)} {what}: {e}") from None
+
+
+def meshes_that_fit(devices, dcn: Sequence[int] | None = None) -> list[tuple[int, int, int]]:
+    """The (-1, fsdp, 1) meshes (data parallel x FSDP) that `devices` can be laid out as: what an
+    error about train.mesh offers instead."""
+    devices = list(devices)
+    slices = int(np.prod(dcn)) if dcn else 1
+    out = []
+    for fsdp in range(1, len(devices) // slices + 1):
+        if len(devices) % (fsdp * slices):
+            continue
+        try:
+            make_mesh((-1, fsdp, 1), devices, dcn)
+        except ValueError:
+            continue
+        out.append((-1, fsdp, 1))
+    return out
 
 
 def batch_size_of(mesh: Mesh) -> int:

@@ -24,9 +24,10 @@ def is_hub_id(name: str) -> bool:
     return bool(_REPO_ID.match(name or "")) and not paths.exists(name)
 
 
-def resolve(name: str, field: str = "checkpoint") -> str:
-    """`name` itself when it is a folder (or not an id); else the local snapshot of hub id `name`.
-    `field` is the config field or argument that gave it, for the error a user can act on."""
+def resolve(name: str, field: str = "checkpoint", files=FILES) -> str:
+    """`name` itself when it is a folder (or not an id); else the local snapshot of hub id `name`
+    (the `files` patterns of it). `field` is the config field or argument that gave it, for the
+    error a user can act on."""
     if paths.is_remote(name) or not is_hub_id(name):
         return name
     try:
@@ -35,7 +36,7 @@ def resolve(name: str, field: str = "checkpoint") -> str:
         raise HubError(f"{field}={name!r} is no folder here; as a Hugging Face hub id it needs "
                        "`pip install 'vtp-jax[hub]'` (or download the folder and give its path)") from None
     try:
-        return huggingface_hub.snapshot_download(name, allow_patterns=FILES)
+        return huggingface_hub.snapshot_download(name, allow_patterns=list(files))
     except Exception as e:  # offline without a cache, no such repo, no network, gated: one line for all
         offline = huggingface_hub.constants.HF_HUB_OFFLINE
         hint = ("HF_HUB_OFFLINE=1 and it is not in the hub cache: unset it once to download, or give a local folder"

@@ -35,15 +35,32 @@ def load_tokenizer(path: str, field: str = "eval.checkpoint"):
     return load_workdir(path)
 
 
+def tokenizer_config(path: str, field: str = "eval.checkpoint") -> ml_collections.ConfigDict:
+    """The model config of what `load_tokenizer` would load, from its config.json alone (a hub id
+    fetches only that file): the architecture the compile plan builds, no weights read."""
+    path = hub.resolve(path, field, files=["config.json"])
+    cfg_path = paths.join(path, "config.json")
+    if not paths.isfile(cfg_path):
+        raise FileNotFoundError(f"{field}={path!r}: no config.json there: give a release-format folder (a run's "
+                                f"export/, a released VTP) or a training workdir (--config.{field}=DIR)")
+    if is_release_folder(path):
+        return released.config_from_release(paths.read_json(cfg_path), cfg_path)
+    return _workdir_model_config(cfg_path)
+
+
+def _workdir_model_config(cfg_path: str) -> ml_collections.ConfigDict:
+    saved = ml_collections.ConfigDict(paths.read_json(cfg_path))
+    model = config_lib.model_config()  # today's schema, the run's values
+    model.update(saved.model)
+    return config_lib.model_config_for(ml_collections.ConfigDict(dict(model=model, objectives=saved.objectives)))
+
+
 def load_workdir(workdir: str):
     """The model config and student params of a training workdir's latest checkpoint."""
     cfg_path = paths.join(workdir, "config.json")
     if not paths.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: a training workdir holds config.json and checkpoints/")
-    saved = ml_collections.ConfigDict(paths.read_json(cfg_path))
-    model = config_lib.model_config()  # today's schema, the run's values
-    model.update(saved.model)
-    model_cfg = config_lib.model_config_for(ml_collections.ConfigDict(dict(model=model, objectives=saved.objectives)))
+    model_cfg = _workdir_model_config(cfg_path)
     manager = ocp.CheckpointManager(paths.join(workdir, "checkpoints"))
     step = manager.latest_step()
     if step is None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from vtp_jax import config as config_lib
 from vtp_jax.jobs import dit, evaluate, extract_latents, pretrain, sample, stage2, study
-from vtp_jax.train import runner
+from vtp_jax.train import aot, runner
 
 JOBS = {
     "pretrain": pretrain,  # VTP pre-training: CLIP + DINOv2 / iBOT + reconstruction
@@ -49,5 +50,12 @@ def build(config: ml_collections.ConfigDict, mesh=None, workdir: str | None = No
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs the job `config.job` names in `workdir`; its last metrics."""
-    return runner.run(get(config.job), config, workdir)
+    """Runs the job `config.job` names in `workdir`; its last metrics. With train.compile_for it
+    compiles for that TPU topology instead (`aot.plan`: W/compiled.json, nothing run); an auto
+    train.accum_steps / remat is chosen for this machine's devices first (`aot.resolve`)."""
+    job = get(config.job)
+    if config.train.get("compile_for"):
+        return aot.plan(job, config, workdir)
+    if config_lib.auto_fields(config):
+        config = aot.resolve(job, config)
+    return runner.run(job, config, workdir)

@@ -98,13 +98,13 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
                         "(--config.dit.latents=DIR) or a tokenizer to extract them with (--config.latents.tokenizer=DIR)")
         else:
             errs += extract_latents.validate(config, n_batch_shards, n_processes)
-    elif not official and not paths.isfile(paths.join(c.latents, "meta.json")):
+    elif not official and config_lib.checks_files(config) and not paths.isfile(paths.join(c.latents, "meta.json")):
         errs.append(f"dit.latents={c.latents}: neither a finished latent extraction (meta.json) nor official latent "
                     "shards (*.safetensors)")
     if official and not c.tokenizer:
         errs.append(f"dit.latents={c.latents} holds official latent shards, which do not name their tokenizer: "
                     "set dit.tokenizer (decodes the samples)")
-    if c.latent_stats and not paths.exists(c.latent_stats):
+    if c.latent_stats and config_lib.checks_files(config) and not paths.exists(c.latent_stats):
         errs.append(f"dit.latent_stats={c.latent_stats} does not exist")
     if c.sample.cfg_channels is not None and c.sample.cfg_channels < 1:
         errs.append(f"dit.sample.cfg_channels={c.sample.cfg_channels}: None (all channels) or >= 1 (3: official)")
@@ -207,20 +207,45 @@ def make_train_step(config, model: dit_lib.LightningDiT, tx):
     return step
 
 
-def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None) -> runner.Job:
-    if not config.dit.latents:  # extract `latents` into W/latents first (resumable; skipped when complete)
-        if workdir is None:
-            raise runner.ConfigError("dit.latents is empty: give extracted latents (or run the job with a workdir "
-                                     "to extract them there)")
-        folder = extract_latents.extract(config, paths.join(workdir, "latents"), mesh)
-        config = config.copy_and_resolve_references()
-        config.dit.latents = folder
-    meta = latents_lib.read_meta(config.dit.latents)
+def planned_meta(config: ml_collections.ConfigDict) -> dict:
+    """What meta.json of the latents `config.latents` would extract will say (shape, classes), from
+    the tokenizer's config.json and the data config: the compile plan's latents."""
+    lat = config.latents
+    tok = tokenizers.tokenizer_config(lat.tokenizer, field="latents.tokenizer")
+    classes = extract_latents.num_classes(lat.data)
+    if not classes:
+        raise runner.ConfigError(f"latents.data (source {lat.data.source!r}) does not say how many classes its labels "
+                                 "have: give extracted latents (--config.dit.latents=DIR) to compile the DiT for them")
+    grid = lat.data.image_size // tok.patch_size
+    return dict(shape=[grid, grid, tok.latent_dim], num_classes=classes)
+
+
+def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None, abstract: bool = False) -> runner.Job:
+    if abstract and not config.dit.latents:
+        meta = planned_meta(config)
+    else:
+        if not config.dit.latents:  # extract `latents` into W/latents first (resumable; skipped when complete)
+            if workdir is None:
+                raise runner.ConfigError("dit.latents is empty: give extracted latents (or run the job with a "
+                                         "workdir to extract them there)")
+            folder = extract_latents.extract(config, paths.join(workdir, "latents"), mesh)
+            config = config.copy_and_resolve_references()
+            config.dit.latents = folder
+        meta = latents_lib.read_meta(config.dit.latents)
     if not meta["num_classes"]:
         raise runner.ConfigError(f"{config.dit.latents}/meta.json does not say how many classes the labels have")
     model = model_from(config, meta)
-    abstract = nn.meta.unbox(jax.eval_shape(lambda: _init_boxed(model, jax.random.key(0))))
-    tx = optim.make_optimizer(config.optim, abstract, config.train.steps, depth=0)
+    shapes = nn.meta.unbox(jax.eval_shape(lambda: _init_boxed(model, jax.random.key(0))))
+    tx = optim.make_optimizer(config.optim, shapes, config.train.steps, depth=0)
+    b, latent = config.dit.batch_size, tuple(meta["shape"])
+    batch_spec = {"latent": jax.ShapeDtypeStruct((b, *latent), jnp.float32),
+                  "latent_flip": jax.ShapeDtypeStruct((b, *latent), jnp.float32),
+                  "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+    if abstract:  # the step's statistics as shapes; no generator (it samples and decodes, not compiled here)
+        stats = jax.ShapeDtypeStruct((latent[-1],), jnp.float32, sharding=sharding.replicated(mesh))
+        return runner.Job(config=config, init=lambda rng: init_state(model, tx, rng),
+                          step=make_train_step(config, model, tx), consts=(stats, stats), model=model,
+                          batch_spec=batch_spec)
     mean, std, tok_model, tok_params = load_generator_parts(config, meta, mesh)
     generator = Generator(model, config.dit.sample, mean, std, config.dit.latent_multiplier, tok_model, tok_params,
                           latent_shape=meta["shape"])
@@ -243,7 +268,7 @@ def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None
     return runner.Job(config=config, init=lambda rng: init_state(model, tx, rng), step=make_train_step(config, model, tx),
                       data=data,
                       consts=(mean, std), hooks=[runner.Hook(s.every, write_samples)], eval_target=generator,
-                      eval_params=lambda state: state.ema_params, model=model)
+                      eval_params=lambda state: state.ema_params, model=model, batch_spec=batch_spec)
 
 
 def grid_labels(sample: ml_collections.ConfigDict, num_classes: int) -> np.ndarray:

@@ -47,7 +47,9 @@ def validate(config, n_batch_shards: int, n_processes: int = 1) -> list[str]:
     return errs
 
 
-def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None) -> runner.Job:
+def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None, abstract: bool = False) -> runner.Job:
+    if abstract:  # no train step: nothing for the compile plan to compile
+        return runner.Job(config=config, init=None)
     model_cfg, params = tokenizers.load_tokenizer(config.eval.checkpoint, field="eval.checkpoint")
     model = VTP(model_cfg)
     size = 4 * model_cfg.patch_size

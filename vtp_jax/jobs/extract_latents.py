@@ -56,7 +56,9 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
     return errs
 
 
-def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None) -> runner.Job:
+def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None, abstract: bool = False) -> runner.Job:
+    if abstract:  # no train step: nothing for the compile plan to compile
+        return runner.Job(config=config, init=None)
     return runner.Job(config=config, init=None, run=lambda: {"folder": extract(config, workdir, mesh)})
 
 
@@ -130,14 +132,15 @@ def extract(config: ml_collections.ConfigDict, workdir: str, mesh) -> str:
                     np.savez(f, mean=given[0], std=given[1])
             tokenizer = c.tokenizer if hub.is_hub_id(c.tokenizer) else paths.resolve(c.tokenizer)
             meta = dict(shape=list(shape), dtype=dtype.name, tokenizer=tokenizer,
-                        num_classes=_num_classes(d), image_size=d.image_size, records=latents_lib.count_records(workdir),
+                        num_classes=num_classes(d), image_size=d.image_size, records=latents_lib.count_records(workdir),
                         stats=paths.resolve(c.stats) if c.stats else "")
             paths.write_json(paths.join(workdir, latents_lib.META), meta, indent=1)
         multihost_utils.sync_global_devices("latents stats written")
     return workdir
 
 
-def _num_classes(d) -> int:
+def num_classes(d) -> int:
+    """The class count of a data config's labels, where the source says it (0: unknown)."""
     if d.source == "procedural":
         return len(procedural.CLASS_NAMES)
     if d.source == "tfds" and d.tfds_name.split(":")[0] == "imagenet2012":

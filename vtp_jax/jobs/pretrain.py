@@ -61,9 +61,9 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
             errs.append(f"data.{name}={b} is not divisible by the {n_batch_shards} batch shards of the mesh "
                         f"(data x fsdp) and the {n_processes} processes")
     k = config.train.get("accum_steps", 1)
-    if not isinstance(k, int) or k < 1:
-        errs.append(f"train.accum_steps={k!r}: expected an integer >= 1")
-    else:
+    if not isinstance(k, int) or k < 0:
+        errs.append(f"train.accum_steps={k!r}: expected an integer >= 1, or 0 (auto: the compile plan picks it)")
+    elif k:
         names = [n for n, view in (("batch_clip", "clip"), ("batch_ssl", "ssl"), ("batch_rec", "rec")) if on[view]]
         if any(d[n] // n_batch_shards % k for n in names):
             errs.append(f"train.accum_steps={k} must divide every per-step batch per batch shard ({n_batch_shards} "
@@ -90,7 +90,7 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
         errs.append("objectives.l_rec > 0 needs a pixel decoder (model.decoder.depth > 0)")
     if o.centering not in ("centering", "sinkhorn_knopp"):
         errs.append(f"objectives.centering={o.centering!r}: expected 'centering' or 'sinkhorn_knopp'")
-    if d.source == "array_record" and not d.paths:
+    if d.source == "array_record" and not d.paths and config_lib.checks_files(config):
         errs.append("data.paths is empty: give the ArrayRecord shards (--config.data.paths='gs://bucket/data/*.array_record'; "
                     "docs/data.md makes them)")
     errs += lpips_errors(config)
@@ -99,20 +99,31 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
 
 def lpips_errors(config) -> list[str]:
     o = config.objectives
-    if o.l_rec > 0 and o.lpips_weight and not paths.exists(o.lpips_params):
+    if o.l_rec > 0 and o.lpips_weight and config_lib.checks_files(config) and not paths.exists(o.lpips_params):
         return [f"objectives.lpips_weight={o.lpips_weight} but objectives.lpips_params={o.lpips_params!r} does not "
                 "exist: convert the VGG16 + LPIPS weights with `python -m vtp_jax.checkpoints.torch_convert lpips` "
                 "(docs/training.md, \"LPIPS weights\") or set objectives.lpips_weight=0"]
     return []
 
 
-def load_lpips(config, mesh):
+def load_lpips(config, mesh, abstract: bool = False):
     """Replicated LPIPS weights when L_rec uses them, else None (an argument of the step, never a
-    closure, so the weights are not baked into the compiled program)."""
+    closure, so the weights are not baked into the compiled program); `abstract`: their shapes."""
     o = config.objectives
     if not (o.l_rec > 0 and o.lpips_weight):
         return None
+    if abstract:
+        return objectives.abstract_lpips_params(sharding.replicated(mesh))
     return jax.device_put(objectives.load_lpips_params(o.lpips_params), sharding.replicated(mesh))
+
+
+def accum_choices(config, n_batch_shards: int) -> tuple[int, ...]:
+    """The train.accum_steps values that divide every active per-shard batch (validate's rule)."""
+    d, on = config.data, config_lib.active(config)
+    per_shard = [d[n] // n_batch_shards for n, view in (("batch_clip", "clip"), ("batch_ssl", "ssl"),
+                                                        ("batch_rec", "rec")) if on[view]]
+    smallest = min(per_shard, default=1)
+    return tuple(k for k in range(1, smallest + 1) if all(b % k == 0 for b in per_shard))
 
 
 def init_state(config, model: VTP, tx: optax.GradientTransformation, rng) -> TrainState:
@@ -535,7 +546,7 @@ def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
 # ------------------------------------------------------------------------------------------------
 # The job: state, step, data, hooks.
 # ------------------------------------------------------------------------------------------------
-def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None) -> runner.Job:
+def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None, abstract: bool = False) -> runner.Job:
     model_cfg = config_lib.model_config_for(config)
     model = VTP(model_cfg)
     size = config.data.image_size
@@ -567,8 +578,9 @@ def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None
         tokenizers.export_tokenizer(model_cfg, state.params, folder, config.data.image_size)
 
     return runner.Job(config=config, init=lambda rng: init_state(config, model, tx, rng),
-                      step=make_train_step(config, model, tx), data=data, consts=load_lpips(config, mesh),
-                      start=start, hooks=hooks, eval_target=model, export=export, model=model)
+                      step=make_train_step(config, model, tx), data=data, consts=load_lpips(config, mesh, abstract),
+                      start=start, hooks=hooks, eval_target=model, export=export, model=model,
+                      batch_spec=batch_spec(config), accum_choices=accum_choices(config, sharding.batch_size_of(mesh)))
 
 
 def init_from_release(state, folder, model_cfg):

@@ -130,7 +130,9 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
     return errs
 
 
-def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None) -> runner.Job:
+def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None, abstract: bool = False) -> runner.Job:
+    if abstract:  # no train step: nothing for the compile plan to compile
+        return runner.Job(config=config, init=None)
     if workdir is None:
         raise runner.ConfigError("the sample job writes W/samples.npz: run it with a workdir")
     return runner.Job(config=config, init=None, run=lambda: sample(config, workdir, mesh))

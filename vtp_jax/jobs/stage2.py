@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -90,7 +91,7 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
                     f"and the {n_processes} processes")
     if d.batch_clip < d.batch_rec:
         errs.append(f"data.batch_clip={d.batch_clip} < data.batch_rec={d.batch_rec}: records are read batch_clip at a time")
-    if s.lpips_weight and not paths.exists(s.lpips_params):
+    if s.lpips_weight and config_lib.checks_files(config) and not paths.exists(s.lpips_params):
         errs.append(f"stage2.lpips_weight={s.lpips_weight} but stage2.lpips_params={s.lpips_params!r} does not exist "
                     "(docs/training.md: LPIPS weights) or set stage2.lpips_weight=0")
     return errs
@@ -175,23 +176,32 @@ def make_train_step(config, model: VTP, disc: PatchDiscriminator, tx, disc_tx):
     return step
 
 
-def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None) -> runner.Job:
+def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None, abstract: bool = False) -> runner.Job:
     s = config.stage2
-    model_cfg, params = tokenizers.load_tokenizer(config.train.init_from, field="train.init_from")
+    size = config.data.image_size
+    replicated = sharding.replicated(mesh)
+    if abstract:  # the architecture from config.json, the weights as shapes
+        model_cfg = tokenizers.tokenizer_config(config.train.init_from, field="train.init_from")
+        params = jax.eval_shape(lambda: nn.meta.unbox(VTP(model_cfg).init(jax.random.key(0),
+                                                                           jnp.zeros((1, size, size, 3)))["params"]))
+    else:
+        model_cfg, params = tokenizers.load_tokenizer(config.train.init_from, field="train.init_from")
     if not model_cfg.decoder.depth:
         raise runner.ConfigError(f"train.init_from={config.train.init_from}: the tokenizer has no pixel decoder")
     model = VTP(model_cfg)
     frozen, decoder0 = split_tokenizer(params)
-    replicated = sharding.replicated(mesh)
-    frozen = jax.device_put(frozen, replicated)
+    if abstract:
+        frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), frozen)
+    else:
+        frozen = jax.device_put(frozen, replicated)
     lpips_params = None
     if s.lpips_weight:
-        lpips_params = jax.device_put(objectives.load_lpips_params(s.lpips_params), replicated)
+        lpips_params = (objectives.abstract_lpips_params(replicated) if abstract
+                        else jax.device_put(objectives.load_lpips_params(s.lpips_params), replicated))
     disc = PatchDiscriminator(s.disc_ndf, s.disc_layers, s.disc_norm)
     tx = optim.make_optimizer(config.optim, decoder0, config.train.steps, depth=0)
     disc_tx = optax.apply_if_finite(optax.adamw(s.disc_lr, s.disc_b1, s.disc_b2, weight_decay=0.0),
                                     max_consecutive_errors=2 ** 31 - 1)
-    size = config.data.image_size
 
     def init(rng):
         init_rng, rng = jax.random.split(rng)
@@ -231,4 +241,5 @@ def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None
                       consts=(frozen, lpips_params), start=start,
                       hooks=[runner.Hook(config.train.images_every, write_reconstructions)], eval_target=model,
                       eval_params=lambda state: {**frozen, "pixel_decoder": state.decoder}, export=export,
-                      model=model)
+                      model=model, batch_spec={"rec_images": jax.ShapeDtypeStruct((config.data.batch_rec, size, size, 3),
+                                                                                  jnp.float32)})

@@ -283,7 +283,9 @@ def run_one(s, variant: str, budget: int, seed: int, classifier: str, root: str)
     return row
 
 
-def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None) -> runner.Job:
+def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None, abstract: bool = False) -> runner.Job:
+    if abstract:  # no train step: nothing for the compile plan to compile
+        return runner.Job(config=config, init=None)
     return runner.Job(config=config, init=None, run=lambda: run(config, workdir))
 
 
@@ -304,96 +306,181 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 # Outputs.
 # ------------------------------------------------------------------------------------------------
-def summarize(rows: list[dict]) -> list[dict]:
+def n_items(s: ml_collections.ConfigDict) -> dict[str, int]:
+    """How many items each accuracy column was measured on (what its sampling noise depends on)."""
+    out = {}
+    if "generation_classes" in s.dit.evals:
+        n_gen = s.dit.evals.generation_classes.samples_per_class * len(procedural.CLASS_NAMES)
+        out.update(gen_accuracy=n_gen, gen_shape_accuracy=n_gen, gen_color_accuracy=n_gen)
+    for name in ("linear_probe", "knn", "zero_shot"):
+        if name in s.evals:
+            out[f"{name}_top1"] = s.evals[name].data.num_images
+    out["recon_accuracy"] = out["recon_shape_accuracy"] = s.classifier.num_val
+    return out
+
+
+class Bootstrap:
+    """Two-level bootstrap of the study's cells (variant, budget): each draw resamples a cell's
+    seeds with replacement and, for an accuracy, the n items each seed's run measured it on (a
+    binomial draw of its count of correct items: all that resampling those items changes). A
+    cell's 95% interval thus holds tokenizer-training noise (seeds) and sampling noise together;
+    differences of cells and correlations across cells are taken draw by draw."""
+
+    def __init__(self, rows: list[dict], n: dict[str, int] | None = None, draws: int = 4000, seed: int = 0):
+        self.cells = list(dict.fromkeys((r["variant"], r["budget"]) for r in rows))
+        self.runs = {c: [r for r in rows if (r["variant"], r["budget"]) == c] for c in self.cells}
+        self.n, self.draws, self.seed = n or {}, draws, seed
+        rng = np.random.default_rng(seed)
+        self.pick = {c: rng.integers(0, len(self.runs[c]), (draws, len(self.runs[c]))) for c in self.cells}
+        self._draws = {}
+
+    def mean(self, cell, key) -> float:
+        return float(np.mean([float(r[key]) for r in self.runs[cell]]))
+
+    def of(self, cell, key) -> np.ndarray:
+        """(draws,) bootstrap replicates of the cell's mean of `key`."""
+        if (cell, key) not in self._draws:
+            values = np.array([float(r[key]) for r in self.runs[cell]])[self.pick[cell]]  # (draws, seeds)
+            if self.n.get(key) and np.all(np.isfinite(values)):
+                rng = np.random.default_rng([self.seed, self.cells.index(cell), sum(map(ord, key))])
+                values = rng.binomial(self.n[key], np.clip(values, 0, 1)) / self.n[key]
+            self._draws[cell, key] = values.mean(1)
+        return self._draws[cell, key]
+
+    def interval(self, cell, key) -> tuple[float, float]:
+        return tuple(float(q) for q in np.percentile(self.of(cell, key), [2.5, 97.5]))
+
+    def difference(self, a, b, key) -> tuple[float, float, float]:
+        """(mean of a - mean of b, 95% interval) for two cells, or two differences of cells."""
+        d = self._combine(a, key) - self._combine(b, key)
+        return (self._point(a, key) - self._point(b, key), *(float(q) for q in np.percentile(d, [2.5, 97.5])))
+
+    def _combine(self, x, key):  # a cell, or ("-", cell, cell): their difference, draw by draw
+        return self.of(x[1], key) - self.of(x[2], key) if x[0] == "-" else self.of(x, key)
+
+    def _point(self, x, key):
+        return self.mean(x[1], key) - self.mean(x[2], key) if x[0] == "-" else self.mean(x, key)
+
+    def correlation(self, key: str, target: str = "gen_accuracy") -> tuple[float, float, float] | None:
+        """Pearson r of the cells' means of `key` and `target`, and its 95% interval: each draw
+        resamples the cells themselves (which tokenizers were trained) as well as their seeds
+        and items. None when either does not vary or is not measured everywhere."""
+        x = np.array([self.mean(c, key) for c in self.cells])
+        y = np.array([self.mean(c, target) for c in self.cells])
+        if not (np.all(np.isfinite(x)) and np.std(x) > 0 and np.std(y) > 0):
+            return None
+        xs = np.stack([self.of(c, key) for c in self.cells], 1)  # (draws, cells)
+        ys = np.stack([self.of(c, target) for c in self.cells], 1)
+        which = np.random.default_rng(self.seed + 1).integers(0, len(self.cells), (self.draws, len(self.cells)))
+        xs, ys = np.take_along_axis(xs, which, 1), np.take_along_axis(ys, which, 1)
+        xc, yc = xs - xs.mean(1, keepdims=True), ys - ys.mean(1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = (xc * yc).sum(1) / np.sqrt((xc ** 2).sum(1) * (yc ** 2).sum(1))
+        r = r[np.isfinite(r)]  # a draw of identical cells has no correlation
+        return float(np.corrcoef(x, y)[0, 1]), *(float(q) for q in np.percentile(r, [2.5, 97.5]))
+
+
+def summarize(rows: list[dict], n: dict[str, int] | None = None) -> list[dict]:
     """One row per (variant, budget): the mean over seeds of every column and its std (0 for one
-    seed); the bootstrapped accuracies keep the mean of their seeds' intervals."""
+    seed); the accuracies of generation with their two-level 95% intervals (`Bootstrap`)."""
+    boot = Bootstrap(rows, n)
     out = []
-    for v, b in dict.fromkeys((r["variant"], r["budget"]) for r in rows):
-        runs = [r for r in rows if r["variant"] == v and r["budget"] == b]
-        row = {"variant": v, "budget": b, "seeds": len(runs)}
+    for cell in boot.cells:
+        runs = boot.runs[cell]
+        row = {"variant": cell[0], "budget": cell[1], "seeds": len(runs)}
         for k in COLUMNS:
-            vals = np.array([r[k] for r in runs], np.float64)
+            vals = np.array([float(r[k]) for r in runs], np.float64)
             row[k], row[f"{k}_std"] = float(np.mean(vals)), float(np.std(vals))
         for k in BOOTSTRAPPED:
-            for sfx in ("_lo", "_hi"):
-                row[k + sfx] = float(np.mean([r.get(k + sfx, np.nan) for r in runs]))
+            row[f"{k}_lo"], row[f"{k}_hi"] = boot.interval(cell, k)
         out.append(row)
     return out
 
 
-def interval(row: dict, key: str, n: int | None = None) -> tuple[float, float]:
-    """A 95% interval of a summary row's column: the bootstrap interval over samples where there is
-    one, else the normal approximation of a binomial accuracy over n items; widened by the
-    spread over seeds either way."""
-    x, spread = row[key], row.get(f"{key}_std", 0.0)
-    if np.isfinite(row.get(f"{key}_lo", np.nan)):
-        return row[f"{key}_lo"] - spread, row[f"{key}_hi"] + spread
-    half = 1.96 * np.sqrt(x * (1 - x) / n) if n else 0.0
-    return x - half - spread, x + half + spread
+def _verdict(lo: float, hi: float) -> str:
+    """'held' when an interval of a difference lies above 0, 'did NOT hold' below, else 'not separated'."""
+    return "held" if lo > 0 else ("did NOT hold" if hi < 0 else "not separated")
 
 
-def _verdict(a: tuple[float, float], b: tuple[float, float]) -> str:
-    """'held' when a's interval lies above b's, 'did NOT hold' when below, else 'not separated'."""
-    return "held" if a[0] > b[1] else ("did NOT hold" if a[1] < b[0] else "not separated")
+DIAGNOSTICS = ("linear_probe_top1", "knn_top1", "zero_shot_top1", "lds", "cds", "rmsc", "effective_rank",
+               "channel_std_spread", "psnr")
 
 
-def findings(summary: list[dict], n_probe: int | None = None) -> list[str]:
-    """The paper's claims and iREPA's, checked on these numbers with 95% intervals."""
-    by = {(r["variant"], r["budget"]): r for r in summary}
-    budgets = sorted({r["budget"] for r in summary})
+def findings(rows: list[dict], n: dict[str, int] | None = None) -> list[str]:
+    """The paper's claims and iREPA's, checked on every run with two-level 95% intervals (seeds
+    and samples together): a claim about a difference holds when the interval of the difference
+    excludes 0 on its side."""
+    boot = Bootstrap(rows, n)
+    have = set(boot.cells)
+    budgets = sorted({c[1] for c in have})
     lines = []
 
-    def fmt(r, k):
-        lo, hi = interval(r, k, n_probe if "top1" in k else None)
-        return f"{r[k]:.3g} [{lo:.3g}, {hi:.3g}]"
+    def diff(claim, a, b, key="gen_accuracy"):
+        d, lo, hi = boot.difference(a, b, key)
+        lines.append(f"- {claim}: **{_verdict(lo, hi)}** ({key} difference {d:+.3f} [{lo:+.3f}, {hi:+.3f}]).")
 
-    def compare(a, b, key, claim, n=None):
-        if a not in by or b not in by:
-            return
-        ra, rb = by[a], by[b]
-        verdict = _verdict(interval(ra, key, n), interval(rb, key, n))
-        lines.append(f"- {claim}: **{verdict}** ({key}: {_name(*a)} {fmt(ra, key)} vs {_name(*b)} {fmt(rb, key)}).")
-
-    ceiling = max(r["recon_accuracy"] for r in summary)
+    seeds = sorted({len(r) for r in boot.runs.values()})
+    ceiling = max(boot.mean(c, "recon_accuracy") for c in have)
     lines.append(f"- Ceiling: the domain classifier recognises at best {ceiling:.1%} of a tokenizer's reconstructions "
-                 f"of real images (chance {CHANCE:.1%}); gen_accuracy can only separate tokenizers below that.")
+                 f"of real images (chance {CHANCE:.1%}); gen_accuracy can only separate tokenizers below that. "
+                 f"Seeds per cell: {', '.join(map(str, seeds))}.")
     for b in budgets:
-        compare(("vtp", b), ("ae", b), "gen_accuracy",
-                f"VTP's latents generate the requested object better than the AE's at {b}x compute")
-        compare(("vtp", b), ("ae", b), "gen_shape_accuracy", f"... and its shape (the semantic factor) at {b}x")
-        for other in ("clip_ae", "ssl_ae"):
-            compare((other, b), ("ae", b), "gen_accuracy", f"{LABELS[other]} generates better than the AE at {b}x")
-        compare(("vtp", b), ("ae", b), "linear_probe_top1",
-                f"VTP's latent is more linearly separable than the AE's at {b}x", n_probe)
+        for v in ("clip_ae", "ssl_ae", "vtp"):
+            if (v, b) in have and ("ae", b) in have:
+                diff(f"{LABELS[v]}'s latents generate the requested object better than the AE's at {b}x compute",
+                     (v, b), ("ae", b))
+        if ("vtp", b) in have and ("ae", b) in have:
+            diff(f"... VTP's, the shape (the semantic factor) at {b}x", ("vtp", b), ("ae", b), "gen_shape_accuracy")
+            diff(f"VTP's latent is more linearly separable than the AE's at {b}x", ("vtp", b), ("ae", b),
+                 "linear_probe_top1")
     if len(budgets) > 1:
         lo, hi = budgets[0], budgets[-1]
-        compare(("vtp", hi), ("vtp", lo), "gen_accuracy", f"VTP's generation improves from {lo}x to {hi}x compute")
-        compare(("ae", hi), ("ae", lo), "gen_accuracy",
-                f"the AE's generation improves from {lo}x to {hi}x compute (the paper: it stagnates)")
-        if all(k in by for k in (("vtp", hi), ("vtp", lo), ("ae", hi), ("ae", lo))):
-            gap = [by[("vtp", b)]["gen_accuracy"] - by[("ae", b)]["gen_accuracy"] for b in (lo, hi)]
-            lines.append(f"- VTP - AE gen_accuracy gap: {gap[0]:+.3f} at {lo}x, {gap[1]:+.3f} at {hi}x (it moves "
-                         f"{'towards VTP' if gap[1] > gap[0] else 'towards the AE'} with compute; the paper: towards VTP).")
-    if len(summary) > 2:
-        g = np.array([r["gen_accuracy"] for r in summary])
-        rs = {}
-        for k in ("linear_probe_top1", "knn_top1", "lds", "cds", "rmsc", "effective_rank", "psnr"):
-            x = np.array([r[k] for r in summary])
-            if np.std(x) > 0 and np.std(g) > 0 and np.all(np.isfinite(x)):
-                rs[k] = float(np.corrcoef(x, g)[0, 1])
+        for v in VARIANTS:
+            if (v, lo) in have and (v, hi) in have:
+                claim = f"{LABELS[v]}'s generation improves from {lo}x to {hi}x compute"
+                diff(claim + (" (the paper: the AE stagnates)" if v == "ae" else ""), (v, hi), (v, lo))
+        for v in ("clip_ae", "ssl_ae", "vtp"):
+            if all(c in have for c in ((v, lo), (v, hi), ("ae", lo), ("ae", hi))):
+                diff(f"the {LABELS[v]} - AE gap grows with compute (the paper: understanding pays more as compute "
+                     "grows)", ("-", (v, hi), ("ae", hi)), ("-", (v, lo), ("ae", lo)))
+    if len(have) > 2:
+        rs = {k: boot.correlation(k) for k in DIAGNOSTICS if k in rows[0]}
+        rs = {k: v for k, v in rs.items() if v is not None}
         if rs:
-            lines.append(f"- Across the {len(summary)} tokenizers, Pearson r with gen_accuracy: "
-                         + ", ".join(f"{k} {v:+.2f}" for k, v in rs.items())
-                         + f" (n = {len(summary)}: indicative, not significant on its own).")
+            lines.append(f"- Across the {len(have)} tokenizer cells, Pearson r with gen_accuracy [95% interval, cells, "
+                         "seeds and samples resampled]: " + ", ".join(
+                             f"{k} {r:+.2f} [{lo:+.2f}, {hi:+.2f}]" for k, (r, lo, hi) in rs.items()) + ".")
+            best = max(rs, key=lambda k: abs(rs[k][0]))
+            r, lo, hi = rs[best]
+            lines.append(f"- The best predictor of generation here: **{best}** (r {r:+.2f} [{lo:+.2f}, {hi:+.2f}]; its "
+                         f"interval {'excludes' if lo > 0 or hi < 0 else 'includes'} 0).")
         claim = "- iREPA's claim, spatial structure predicts generation better than global semantics: "
         if "lds" in rs and "linear_probe_top1" in rs:
-            spatial, semantic = abs(rs["lds"]), abs(rs["linear_probe_top1"])
-            lines.append(claim + f"**{'held' if spatial > semantic else 'did NOT hold'}** here (|r| LDS {spatial:.2f} "
-                         f"vs linear probe {semantic:.2f}; n = {len(summary)}).")
+            d = _abs_r_difference(boot, "lds", "linear_probe_top1")
+            lines.append(claim + f"**{_verdict(d[1], d[2])}** here (|r| LDS {abs(rs['lds'][0]):.2f} vs linear probe "
+                         f"{abs(rs['linear_probe_top1'][0]):.2f}; |r| difference {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]).")
         else:
             lines.append(claim + "cannot be judged: gen_accuracy, LDS or the linear probe does not vary across "
                          "these tokenizers.")
     return lines
+
+
+def _abs_r_difference(boot: Bootstrap, a: str, b: str) -> tuple[float, float, float]:
+    """|r(a, gen)| - |r(b, gen)| across the cells, with its 95% interval (the same draws for both)."""
+    cells = boot.cells
+    which = np.random.default_rng(boot.seed + 2).integers(0, len(cells), (boot.draws, len(cells)))
+    y = np.take_along_axis(np.stack([boot.of(c, "gen_accuracy") for c in cells], 1), which, 1)
+
+    def r_of(key):
+        x = np.take_along_axis(np.stack([boot.of(c, key) for c in cells], 1), which, 1)
+        xc, yc = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.abs((xc * yc).sum(1) / np.sqrt((xc ** 2).sum(1) * (yc ** 2).sum(1)))
+
+    d = r_of(a) - r_of(b)
+    d = d[np.isfinite(d)]
+    point = abs(boot.correlation(a)[0]) - abs(boot.correlation(b)[0])
+    return point, *(float(q) for q in np.percentile(d, [2.5, 97.5]))
 
 
 def _name(variant: str, budget: int) -> str:
@@ -414,14 +501,14 @@ def _write_csv(path, rows):
 
 def write_outputs(workdir: str, rows: list[dict], classifier_accuracy: float, minutes: float, config):
     s = config.study
-    summary = summarize(rows)
+    n = n_items(s)
+    summary = summarize(rows, n)
     _write_csv(paths.join(workdir, "study_runs.csv"), rows)
     _write_csv(paths.join(workdir, "study.csv"), summary)
     plot(paths.join(workdir, "study.png"), summary)
     plot_samples(workdir, [run_name(r["variant"], r["budget"], s.seeds[0]) for r in summary],
                  [_name(r["variant"], r["budget"]) for r in summary],
                  [procedural.CLASS_NAMES[k] for k in dit.grid_labels(s.dit.dit.sample, len(procedural.CLASS_NAMES))])
-    n_probe = s.evals.linear_probe.data.num_images if "linear_probe" in s.evals else None
     shown = ("tokenizer_flops", "psnr", "linear_probe_top1", "knn_top1", "zero_shot_top1", "lds", "effective_rank",
              "recon_accuracy", "gen_accuracy", "gen_shape_accuracy", "gen_color_accuracy", "gen_frechet", "dit_val_loss")
 
@@ -429,8 +516,7 @@ def write_outputs(workdir: str, rows: list[dict], classifier_accuracy: float, mi
         if np.isnan(r[k]):
             return "n/a"
         if k in BOOTSTRAPPED:
-            lo, hi = interval(r, k)
-            return f"{r[k]:.3f} [{lo:.3f}, {hi:.3f}]"
+            return f"{r[k]:.3f} [{r[k + '_lo']:.3f}, {r[k + '_hi']:.3f}]"
         return f"{r[k]:.4g}" + (f" ± {r[f'{k}_std']:.2g}" if r["seeds"] > 1 else "")
 
     table = ["| tokenizer | " + " | ".join(shown) + " |", "|" + "---|" * (len(shown) + 1)]
@@ -440,8 +526,9 @@ def write_outputs(workdir: str, rows: list[dict], classifier_accuracy: float, mi
         f"{len(s.seeds)} seed(s) x {len(s.variants)} tokenizers x {len(s.budgets)} compute budgets "
         f"({', '.join(f'{b}x' for b in s.budgets)} of {s.tokenizer.train.steps} steps), {minutes:.0f} min in all. "
         f"Domain classifier: {classifier_accuracy:.2%} top-1 on held-out real images (chance {CHANCE:.1%}). "
-        "gen_* columns: [95% bootstrap interval over the samples]"
-        + (", widened by the spread over seeds" if len(s.seeds) > 1 else "") + ".", "",
+        "gen_* columns: mean over seeds [95% interval of a two-level bootstrap: "
+        + ("the seeds, and " if len(s.seeds) > 1 else "") + "the samples each run drew]; other columns: mean"
+        + (" ± std over seeds" if len(s.seeds) > 1 else "") + ".", "",
         *table, "",
         "Columns: tokenizer_flops: matmul FLOPs of the tokenizer's training (steps x per-step cost); psnr of "
         "reconstructions; linear_probe_top1 / knn_top1 on the bottleneck latent (global semantics); "
@@ -452,7 +539,7 @@ def write_outputs(workdir: str, rows: list[dict], classifier_accuracy: float, mi
         "(shape and colour separately); gen_frechet: Frechet distance to real images in the classifier's "
         "feature space; dit_val_loss: flow loss on held-out latents (each tokenizer's own normalised "
         "latents: comparable in scale, not in meaning).", "",
-        "## The claims, checked", "", *findings(summary, n_probe), "",
+        "## The claims, checked", "", *findings(rows, n), "",
     ]
     paths.write_text(paths.join(workdir, "study.md"), "\n".join(text))
 
@@ -482,7 +569,7 @@ def plot(path: str, summary: list[dict]):
               ("tokenizer_flops", "tokenizer training compute (FLOPs)"))
     for ax, (xk, xlabel) in zip(axes, panels):
         for r in summary:
-            lo, hi = interval(r, "gen_accuracy")
+            lo, hi = r["gen_accuracy_lo"], r["gen_accuracy_hi"]
             ax.errorbar(r[xk], r["gen_accuracy"], xerr=r[f"{xk}_std"],
                         yerr=[[r["gen_accuracy"] - lo], [hi - r["gen_accuracy"]]],
                         fmt="o", capsize=3, color=colors.get(r["variant"]))

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from vtp_jax.checkpoints import load_converted
 from vtp_jax.models import lpips as lpips_lib
 
-__all__ = ["l1_loss", "lpips", "reconstruction_loss", "load_lpips_params"]
+__all__ = ["l1_loss", "lpips", "reconstruction_loss", "load_lpips_params", "abstract_lpips_params"]
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LPIPS_LIN_FILE = "lpips/weights/v0.1/vgg.pth"  # inside the `lpips` pip wheel.
@@ -54,3 +55,11 @@ def reconstruction_loss(lpips_params, x, y, l1_weight=1.0, lpips_weight=1.0, dty
 def load_lpips_params(path: str):
     """The LPIPS params pytree from a converted file, checked against the module's shapes."""
     return load_converted(path, lpips_lib.param_shapes(), "LPIPS-VGG16", _HOW_TO_CONVERT)
+
+
+def abstract_lpips_params(sharding):
+    """The LPIPS params pytree as ShapeDtypeStructs placed by `sharding`: what a step compiles
+    against without the weights file (the compile plan, memory benchmarks)."""
+    nested = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in lpips_lib.param_shapes().items()})
+    return jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding), nested,
+                        is_leaf=lambda x: isinstance(x, tuple))

@@ -35,9 +35,19 @@ from vtp_jax import images, paths, sharding
 from vtp_jax.evals import evaluator
 from vtp_jax.train import checkpointing
 
-# Dense bf16 peak FLOP/s per device (vendor figures), by jax device_kind substring.
+# Dense bf16 peak FLOP/s per device (vendor figures), by jax device_kind substring (first match).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
               "TPU v6": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+# HBM per device (vendor figures), by the same substrings: the memory limit when a device does not
+# report one (compile-only TPU devices).
+HBM_BYTES = {"TPU v4": 32 << 30, "TPU v5 lite": 16 << 30, "TPU v5e": 16 << 30, "TPU v5p": 95 << 30,
+             "TPU v5": 95 << 30, "TPU v6": 32 << 30, "H100": 80 << 30, "H200": 141 << 30, "A100": 80 << 30,
+             "B200": 192 << 30}
+
+
+def by_kind(table: dict, device_kind: str):
+    """The entry of a PEAK_FLOPS / HBM_BYTES table for a jax device_kind, or None."""
+    return next((v for k, v in table.items() if k.lower() in device_kind.lower()), None)
 
 
 ConfigError = config_lib.ConfigError
@@ -66,6 +76,11 @@ class Job:
     start: state -> state after a fresh init (init_from); not called on a restore.
     eval_target / eval_params: what `config.evals` evaluators are built on, and the state -> params
       they score. export: (state, folder) at the end (process 0 writes).
+    batch_spec / accum_choices: the shapes the step is compiled for and the micro-batch counts it
+      accepts, what the compile plan (train/aot.py) lowers and searches.
+
+    `make_job(config, mesh, workdir, abstract=True)` builds the same job from shapes alone: no file
+    is read (weights, latents), nothing is allocated; consts are ShapeDtypeStructs with shardings.
     """
     config: ml_collections.ConfigDict
     init: Callable[[jax.Array], Any]
@@ -79,6 +94,8 @@ class Job:
     export: Callable[[Any, str], None] | None = None
     model: Any = None  # the Flax module the job trains (for hooks, benchmarks and tests)
     run: Callable[[], dict] | None = None
+    batch_spec: dict | None = None  # the step's global batch, {name: ShapeDtypeStruct} (the compile plan)
+    accum_choices: Sequence[int] = (1,)  # train.accum_steps values the step can take on this mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,15 +117,20 @@ class Trainer:
         return self.job.consts
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """The run's mesh (train.mesh, train.dcn_mesh) on this machine's devices; one that does not
-    fit them is a ConfigError naming the fields."""
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+    """The run's mesh (train.mesh, train.dcn_mesh) on this machine's devices (or `devices`, e.g. a
+    TPU topology's compile-only ones); one that does not fit them is a ConfigError naming the
+    fields and the meshes that would fit."""
     t = config.train
+    devices = list(jax.devices() if devices is None else devices)
+    dcn = tuple(t.get("dcn_mesh", (1, 1, 1)))
     try:
-        return sharding.make_mesh(t.mesh, dcn=t.get("dcn_mesh"))
+        return sharding.make_mesh(t.mesh, devices, dcn=dcn)
     except ValueError as e:
-        raise ConfigError(f"train.mesh={tuple(t.mesh)}, train.dcn_mesh={tuple(t.get('dcn_mesh', (1, 1, 1)))} on "
-                          f"{jax.device_count()} devices in {jax.process_count()} process(es): {e}") from None
+        hosts = len({d.process_index for d in devices})
+        fits = ", ".join(str(m) for m in sharding.meshes_that_fit(devices, dcn))
+        raise ConfigError(f"train.mesh={tuple(t.mesh)}, train.dcn_mesh={dcn} on {len(devices)} devices in {hosts} "
+                          f"process(es): {e}. Meshes that fit (data, fsdp, tensor): {fits or 'none'}") from None
 
 
 def validate(job_module, config: ml_collections.ConfigDict, n_batch_shards: int, n_processes: int = 1):
@@ -141,7 +163,7 @@ def peak_flops(devices) -> float:
     kind = devices[0].device_kind
     if devices[0].platform == "cpu":
         return measure_cpu_peak()
-    per = next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
+    per = by_kind(PEAK_FLOPS, kind)
     if per is None:
         logging.warning("no peak FLOP/s known for %r: MFU not reported", kind)
         return float("nan")
@@ -178,14 +200,16 @@ def _jaxpr_flops(jaxpr) -> float:
     return total
 
 
-def build(job_module, config: ml_collections.ConfigDict, mesh=None, workdir: str | None = None) -> Trainer:
+def build(job_module, config: ml_collections.ConfigDict, mesh=None, workdir: str | None = None,
+          abstract: bool = False) -> Trainer:
     """Validates the config, then builds the job, the mesh, the sharded state layout (every leaf
-    from its logical axis names) and the jitted step. Call `init` / `step` inside `with scope(trainer)`."""
+    from its logical axis names) and the jitted step. Call `init` / `step` inside `with scope(trainer)`.
+    `abstract`: the job from shapes alone (Job's docstring), for lowering without running."""
     mesh = mesh or make_mesh(config)
     validate(job_module, config, sharding.batch_size_of(mesh), jax.process_count())
-    job = job_module.make_job(config.copy_and_resolve_references(), mesh, workdir)
+    job = job_module.make_job(config.copy_and_resolve_references(), mesh, workdir, abstract=abstract)
     config = job.config
-    if job.run is not None:
+    if job.run is not None or job.init is None:  # a job that runs itself, or nothing to compile
         return Trainer(config, mesh, job, None, None, None)
     shardings = sharding.logical_shardings(jax.eval_shape(job.init, jax.random.key(0)), mesh)
     init = jax.jit(lambda r: nn.meta.unbox(job.init(r)), out_shardings=shardings)
@@ -229,6 +253,9 @@ def run(job_module, config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = paths.resolve(workdir)
     mesh = make_mesh(config)
     validate(job_module, config, sharding.batch_size_of(mesh), jax.process_count())  # before the lock, before compiling
+    if config_lib.auto_fields(config):
+        raise ConfigError(f"{', '.join(config_lib.auto_fields(config))}: 'auto' is chosen before a run by "
+                          "vtp_jax.jobs.run (the compile-plan search, train/aot.py); runner.run takes set values")
     # A run starts from no mesh even when another job's run calls it (the study runs pretrain,
     # eval and dit inside its own): each job builds on its own mesh.
     with jax.set_mesh(None), checkpointing.WorkdirLock(workdir) as lock:
