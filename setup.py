@@ -6,6 +6,7 @@ decode, features, CLIP towers) and `python -m vtp_jax.reconstruct`, with no Tens
   [eval]   the same packages the evaluators and the DiT sampler need (an alias of [train])
   [hub]    released weights by Hugging Face hub id (MiniMaxAI/VTP-Large-f16d64)
   [torch]  converting torch weight files (LPIPS VGG16, FID Inception, LightningDiT .pt)
+  [cuda]   JAX for NVIDIA GPUs (jax[cuda12]: CUDA 12 and cuDNN from pip; the driver is the machine's)
   [test]   what the test suite needs: [train] + [hub] + pytest and a local GCS emulator
 """
 from setuptools import find_packages, setup
@@ -51,13 +52,14 @@ setup(
     "load released VTP checkpoints, evaluate with a Flax LightningDiT.",
     packages=find_packages(include=["vtp_jax", "vtp_jax.*"]),
     package_data={"vtp_jax.data": ["assets/*"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax, jaxlib, flax, grain, orbax-checkpoint, array_record: >= 3.11
     install_requires=CORE,
     extras_require={
         "train": TRAIN,
         "eval": TRAIN,
         "hub": HUB,
         "torch": ["torch"],  # only to convert torch weight files and for parity checks
+        "cuda": ["jax[cuda12]==0.10.2"],  # the jax the suite runs; with [train]: pip install -e ".[train,hub,cuda]"
         "test": TRAIN + HUB + ["pytest>=8", "gcp-storage-emulator"],
     },
 )
