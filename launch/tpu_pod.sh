@@ -54,7 +54,7 @@ shift
 SLICES="${SLICES:-1}" QUEUED="${QUEUED:-0}" SPOT="${SPOT:-0}" READY_TIMEOUT="${READY_TIMEOUT:-3600}"
 POLL="${POLL:-30}" PYTHON="${PYTHON:-3.11}" UV_VERSION="${UV_VERSION:-0.13.8}" VENV="${VENV:-vtp-venv}"
 SRC="${SRC:-vtp-jax}" SKIP_PLAN="${SKIP_PLAN:-0}" FOLLOW="${FOLLOW:-1}"
-QR="$TPU_NAME-qr"
+qr="$TPU_NAME-qr"
 project=()
 if [[ -n "${PROJECT:-}" ]]; then project=(--project="$PROJECT"); fi
 where=(--zone="$ZONE" "${project[@]}")
@@ -89,8 +89,8 @@ set_plan() {  # topo: the compile plan's name of one slice; plan_dir: where the 
 }
 
 state_of() {  # the queued resource's state, or the node's
-  if [[ "$1" == "$QR" ]]; then
-    gcloud compute tpus queued-resources describe "$QR" "${where[@]}" --format='value(state.state)'
+  if [[ "$1" == "$qr" ]]; then
+    gcloud compute tpus queued-resources describe "$qr" "${where[@]}" --format='value(state.state)'
   else
     gcloud compute tpus tpu-vm describe "$1" "${where[@]}" --format='value(state)'
   fi
@@ -113,7 +113,7 @@ wait_for() {  # RESOURCE WANTED: poll until it is WANTED; fail on a dead state o
 }
 wait_ready() {
   local node
-  if queued; then wait_for "$QR" ACTIVE; fi
+  if queued; then wait_for "$qr" ACTIVE; fi
   for node in "${nodes[@]}"; do wait_for "$node" READY; done
 }
 
@@ -134,10 +134,10 @@ case "$cmd" in
     spot=()
     if [[ "$SPOT" == 1 ]]; then spot=(--spot); fi
     if [[ "$SLICES" != 1 ]]; then
-      gcloud compute tpus queued-resources create "$QR" "${where[@]}" --accelerator-type="$ACCELERATOR" \
+      gcloud compute tpus queued-resources create "$qr" "${where[@]}" --accelerator-type="$ACCELERATOR" \
         --runtime-version="$runtime" --node-count="$SLICES" --node-prefix="$TPU_NAME" "${spot[@]}"
     elif [[ "$QUEUED" == 1 ]]; then
-      gcloud compute tpus queued-resources create "$QR" "${where[@]}" --accelerator-type="$ACCELERATOR" \
+      gcloud compute tpus queued-resources create "$qr" "${where[@]}" --accelerator-type="$ACCELERATOR" \
         --runtime-version="$runtime" --node-id="$TPU_NAME" "${spot[@]}"
     else
       gcloud compute tpus tpu-vm create "$TPU_NAME" "${where[@]}" --accelerator-type="$ACCELERATOR" \
@@ -146,7 +146,7 @@ case "$cmd" in
     wait_ready ;;
   wait) wait_ready ;;
   status)
-    if queued; then echo "$QR: $(state_of "$QR")"; fi
+    if queued; then echo "$qr: $(state_of "$qr")"; fi
     for node in "${nodes[@]}"; do echo "$node: $(state_of "$node")"; done ;;
   setup)
     : "${REPO:?REPO (a git URL every host can clone) is required for setup}"
@@ -178,7 +178,7 @@ echo \"\$(hostname): \$(git -C \"\$src\" rev-parse --short HEAD)\"" ;;
     ssh_all "if [ -f \"\$HOME/vtp.pid\" ]; then kill -TERM \"\$(cat \"\$HOME/vtp.pid\")\" 2>/dev/null || true; fi" ;;
   delete)
     if queued; then
-      gcloud compute tpus queued-resources delete "$QR" "${where[@]}" --force --quiet
+      gcloud compute tpus queued-resources delete "$qr" "${where[@]}" --force --quiet
     else
       gcloud compute tpus tpu-vm delete "$TPU_NAME" "${where[@]}" --quiet
     fi ;;
