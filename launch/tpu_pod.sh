@@ -172,7 +172,7 @@ echo \"\$(hostname): \$(git -C \"\$src\" rev-parse --short HEAD)\"" ;;
     fi
     args=$(printf ' %q' -m vtp_jax.main --distributed "--workdir=$WORKDIR" "$@")
     ssh_all "cd \"\$src\"; nohup \"\$venv/bin/python\"$args > \"\$HOME/vtp.log\" 2>&1 < /dev/null & echo \$! > \"\$HOME/vtp.pid\""
-    if [[ "$FOLLOW" == 1 ]]; then "$0" logs; fi ;;
+    if [[ "$FOLLOW" == 1 ]]; then exec bash "$0" logs; fi ;;
   logs) ssh_node "${nodes[0]}" 0 "tail -n +1 -f \"\$HOME/vtp.log\"" ;;
   stop)  # SIGTERM: a checkpoint at the next step boundary, then exit 0
     ssh_all "if [ -f \"\$HOME/vtp.pid\" ]; then kill -TERM \"\$(cat \"\$HOME/vtp.pid\")\" 2>/dev/null || true; fi" ;;
