@@ -7,6 +7,7 @@ decode, features, CLIP towers) and `python -m vtp_jax.reconstruct`, with no Tens
   [hub]    released weights by Hugging Face hub id (MiniMaxAI/VTP-Large-f16d64)
   [torch]  converting torch weight files (LPIPS VGG16, FID Inception, LightningDiT .pt)
   [tpu]    libtpu for TPU VMs; on a CPU it compiles jobs for TPU topologies (train.compile_for)
+  [cuda]   JAX for NVIDIA GPUs (jax[cuda12]: CUDA 12 and cuDNN from pip; the driver is the machine's)
   [test]   what the test suite needs: [train] + [hub] + [tpu] + pytest and a local GCS emulator
 """
 from setuptools import find_packages, setup
@@ -53,7 +54,7 @@ setup(
     "load released VTP checkpoints, evaluate with a Flax LightningDiT.",
     packages=find_packages(include=["vtp_jax", "vtp_jax.*"]),
     package_data={"vtp_jax.data": ["assets/*"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax, jaxlib, flax, grain, orbax-checkpoint, array_record: >= 3.11
     install_requires=CORE,
     extras_require={
         "train": TRAIN,
@@ -61,6 +62,7 @@ setup(
         "hub": HUB,
         "torch": ["torch"],  # only to convert torch weight files and for parity checks
         "tpu": [f"jax[tpu]=={JAX}"],  # libtpu: TPU VMs, and the compile plan (train.compile_for) on any Linux x86 CPU
+        "cuda": [f"jax[cuda12]=={JAX}"],  # with [train]: pip install -e ".[train,hub,cuda]"
         "test": TRAIN + HUB + [f"jax[tpu]=={JAX}", "pytest>=8", "gcp-storage-emulator"],
     },
 )

@@ -1,6 +1,6 @@
 """LightningDiT-XL/1 on VTP-L latents: the release's generation recipe (gFID 2.81 at 80 epochs, no CFG).
 
-  python -m vtp_jax.main --config=configs/extract_latents.py --config.latents.tokenizer=VTP-Large-f16d64 --workdir=L
+  python -m vtp_jax.main --config=configs/extract_latents.py --config.latents.tokenizer=MiniMaxAI/VTP-Large-f16d64 --workdir=L
   python -m vtp_jax.main --config=configs/dit_xl_vtp_l.py --config.dit.latents=L --workdir=W \\
     --config.evals.gfid.inception_params=inception.msgpack \\
     --config.evals.gfid.reference_stats=VIRTUAL_imagenet256_labeled.npz

@@ -1,6 +1,6 @@
 """Evaluate a tokenizer with the release's ImageNet protocols (numbers comparable with the paper):
 
-  python -m vtp_jax.main --config=configs/eval_imagenet.py --config.eval.checkpoint=VTP-Large-f16d64 \\
+  python -m vtp_jax.main --config=configs/eval_imagenet.py --config.eval.checkpoint=MiniMaxAI/VTP-Large-f16d64 \\
     --config.evals.reconstruction.lpips_params=lpips_vgg16.msgpack \\
     --config.evals.reconstruction.inception_params=inception.msgpack --workdir=W
 

@@ -1,6 +1,6 @@
 """Cache a tokenizer's latents of ImageNet train (ADM centre crop 256, unflipped + flipped) for the DiT:
 
-  python -m vtp_jax.main --config=configs/extract_latents.py --config.latents.tokenizer=VTP-Large-f16d64 \\
+  python -m vtp_jax.main --config=configs/extract_latents.py --config.latents.tokenizer=MiniMaxAI/VTP-Large-f16d64 \\
     --workdir=gs://bucket/latents/vtp_l
 
 then `--config.dit.latents=gs://bucket/latents/vtp_l` in configs/dit_xl_vtp_l.py. Needs ImageNet in

@@ -1,7 +1,11 @@
-"""50,000 class-conditional samples of a DiT as one file for FID (ADM / guided-diffusion's evaluator):
+"""Class-conditional samples of a DiT as one file for FID (ADM / guided-diffusion's evaluator):
 
-  python -m vtp_jax.main --config=configs/sample.py --config.sample.checkpoint=DIR \\
-    --config.sample.num_samples=N --workdir=W
+  python -m vtp_jax.main --config=configs/sample.py --config.sample.checkpoint=DIR --workdir=W
+  python -m vtp_jax.main --config=configs/sample.py:demo --config.sample.checkpoint=/tmp/vtp_dit --workdir=W
+
+The default is ImageNet's FID-50k (50 samples of each of 1000 classes); `:demo` is the laptop
+scale for the DiT demo's 64 classes (1,024 samples, 16 of each), whose workdir the README's
+`configs/dit_demo.py` command leaves in /tmp/vtp_dit.
 
 DIR is a `dit` workdir (its config.json and the EMA params of its newest checkpoint; the sampler,
 the latent statistics and the decoding tokenizer are the run's unless --config.sample.* says
@@ -25,12 +29,19 @@ headline setting is the dit job's default (250 grid points, shift 0.075, no guid
 from vtp_jax import jobs
 
 
-def get_config():
+def get_config(arg: str = "imagenet"):
     c = jobs.default_config("sample")
     s = c.sample
-    s.num_samples = 50_000  # FID-50k
-    s.batch_size = 256  # global
-    s.labels = "per_class"  # 50 of each of 1000 classes
-    s.part_size = 2048  # 8 batches per resumable part (25 parts)
+    s.labels = "per_class"  # num_samples / classes of each class: num_samples must be a multiple of the classes
     s.preview = 8  # an 8 x 8 grid of 8 classes
+    if arg == "imagenet":
+        s.num_samples = 50_000  # FID-50k: 50 of each of 1000 classes
+        s.batch_size = 256  # global
+        s.part_size = 2048  # 8 batches per resumable part (25 parts)
+    elif arg == "demo":
+        s.num_samples = 1024  # 16 of each of the demo's 64 (colour, shape) classes, as the study scores them
+        s.batch_size = 64
+        s.part_size = 256
+    else:
+        raise ValueError(f"configs/sample.py:{arg}: expected 'imagenet' (the default) or 'demo'")
     return c

@@ -1,7 +1,7 @@
 """Stage 2 for VTP-L: the pixel decoder fine-tuned with a PatchGAN (taming / LDM recipe; the paper
 gives no stage-2 settings), the encoder frozen, on ArrayRecord shards at 256 px.
 
-  python -m vtp_jax.main --config=configs/vtp_l_stage2.py --config.train.init_from=VTP-Large-f16d64 \\
+  python -m vtp_jax.main --config=configs/vtp_l_stage2.py --config.train.init_from=MiniMaxAI/VTP-Large-f16d64 \\
     --config.data.paths='gs://bucket/datacomp/*.array_record' --config.stage2.lpips_params=lpips_vgg16.msgpack \\
     --config.evals.reconstruction.lpips_params=lpips_vgg16.msgpack \\
     --config.evals.reconstruction.inception_params=inception.msgpack --workdir=W

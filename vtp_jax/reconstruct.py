@@ -1,6 +1,6 @@
 """Reconstruct images with a released VTP checkpoint and print PSNR per image.
 
-  python -m vtp_jax.reconstruct --checkpoint VTP-Base-f16d64 --images a.jpg b.png --out OUT/
+  python -m vtp_jax.reconstruct --checkpoint MiniMaxAI/VTP-Base-f16d64 --images a.jpg b.png --out OUT/
 
 Each image is resized so its shorter side is --size and centre-cropped to a multiple of the patch
 size (or kept whole with --size 0, cropped only to that multiple); OUT/<name>.png holds the input
