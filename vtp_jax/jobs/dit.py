@@ -104,6 +104,8 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
     if official and not c.tokenizer:
         errs.append(f"dit.latents={c.latents} holds official latent shards, which do not name their tokenizer: "
                     "set dit.tokenizer (decodes the samples)")
+    if config.train.accum_steps not in (0, 1):  # its step has no micro-batch loop: k would be ignored
+        errs.append(f"train.accum_steps={config.train.accum_steps}: the DiT job does not accumulate gradients (1, or 0: auto)")
     if c.latent_stats and config_lib.checks_files(config) and not paths.exists(c.latent_stats):
         errs.append(f"dit.latent_stats={c.latent_stats} does not exist")
     if c.sample.cfg_channels is not None and c.sample.cfg_channels < 1:

@@ -91,6 +91,8 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
                     f"and the {n_processes} processes")
     if d.batch_clip < d.batch_rec:
         errs.append(f"data.batch_clip={d.batch_clip} < data.batch_rec={d.batch_rec}: records are read batch_clip at a time")
+    if config.train.accum_steps not in (0, 1):  # its step has no micro-batch loop: k would be ignored
+        errs.append(f"train.accum_steps={config.train.accum_steps}: stage 2 does not accumulate gradients (1, or 0: auto)")
     if s.lpips_weight and config_lib.checks_files(config) and not paths.exists(s.lpips_params):
         errs.append(f"stage2.lpips_weight={s.lpips_weight} but stage2.lpips_params={s.lpips_params!r} does not exist "
                     "(docs/training.md: LPIPS weights) or set stage2.lpips_weight=0")
