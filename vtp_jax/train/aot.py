@@ -151,12 +151,23 @@ def _compile_step(job_module, config, mesh):
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)  # made outside the mesh: nothing runs on it
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, len(v.shape)))
              for k, v in tr.job.batch_spec.items()}
+    n = mesh.devices.size
     with runner.scope(tr):
         state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              jax.eval_shape(tr.init, key), tr.shardings)
-        compiled = tr.step.lower(state, batch, tr.consts).compile()
         flops = runner.model_flops(tr.step, state, batch, tr.consts)
-    seconds = time.perf_counter() - t0
+        record = dict(accum_steps=config.train.accum_steps, remat=remat_of(config), flops_per_chip=flops / n,
+                      accum_choices=list(tr.job.accum_choices))
+        try:
+            compiled = tr.step.lower(state, batch, tr.consts).compile()
+        except jax.errors.JaxRuntimeError as e:
+            needs = _out_of_memory(str(e))
+            if needs is None:
+                raise
+            # The TPU compiler refuses a program whose temporaries exceed the chip's HBM: a size too.
+            return dict(record, memory=dict(temporaries=needs, total=needs), xla_flops_per_chip=float("nan"),
+                        collectives={}, largest_arguments=[], compile_seconds=time.perf_counter() - t0,
+                        compiler_said=str(e).splitlines()[0][:300])
     m = compiled.memory_analysis()
     memory = dict(arguments=m.argument_size_in_bytes, temporaries=m.temp_size_in_bytes,
                   outputs=m.output_size_in_bytes - m.alias_size_in_bytes, program=m.generated_code_size_in_bytes)
@@ -164,11 +175,17 @@ def _compile_step(job_module, config, mesh):
     hlo = compiled.as_text()
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-    n = mesh.devices.size
-    return dict(accum_steps=config.train.accum_steps, remat=remat_of(config), memory=memory,
-                flops_per_chip=flops / n, xla_flops_per_chip=float(cost.get("flops", float("nan"))),
-                collectives=collectives(hlo), largest_arguments=arguments(hlo)[:8], compile_seconds=seconds,
-                accum_choices=list(tr.job.accum_choices))
+    return dict(record, memory=memory, xla_flops_per_chip=float(cost.get("flops", float("nan"))),
+                collectives=collectives(hlo), largest_arguments=arguments(hlo)[:8],
+                compile_seconds=time.perf_counter() - t0)
+
+
+def _out_of_memory(message: str) -> float | None:
+    """Bytes of temporaries in the TPU compiler's 'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the
+    total memory required for HLO temporaries (21.99G) exceeds available HBM (15.75G)', else None:
+    a lower bound of the step's memory (its arguments are not counted in it)."""
+    m = re.search(r"RESOURCE_EXHAUSTED.*?\(([0-9.]+)([KMGT])\)", message, re.S)
+    return None if m is None else float(m[1]) * 1024 ** "KMGT".index(m[2]) * 1024
 
 
 def _computations(hlo: str) -> tuple[str | None, dict[str, list[str]]]:
@@ -386,10 +403,16 @@ def plan(job_module, config: ml_collections.ConfigDict, workdir: str) -> dict:
         least = min(tried, key=lambda r: r["memory"]["total"])
         raise DoesNotFit(
             f"{config.job} does not fit {report['grid']} ({kind}): the smallest compiled step needs "
-            f"{least['memory']['total'] / GiB:.1f} GiB per chip (accum_steps={least['accum_steps']}, remat="
+            f"{_needs(least)} per chip (accum_steps={least['accum_steps']}, remat="
             f"{least['remat']}), {(least['memory']['total'] - limit) / GiB:.1f} GiB more than the {limit / GiB:.1f} "
             f"usable ({hbm / GiB:.0f} GiB HBM, hbm_margin {t.hbm_margin}); {workdir}/compiled.json has every try")
     return report
+
+
+def _needs(record: dict) -> str:
+    """A step's memory per chip as words: the compiler's total, or the lower bound it refused at."""
+    total = f"{record['memory']['total'] / GiB:.2f} GiB"
+    return f"at least {total} (temporaries alone: the TPU compiler stopped there)" if "compiler_said" in record else total
 
 
 def table(r: dict) -> str:
@@ -405,9 +428,11 @@ def table(r: dict) -> str:
                else f"DOES NOT FIT by {(m['total'] - limit) / GiB:.2f} GiB")
     lines += [f"step: accum_steps {c['accum_steps']}, remat {c['remat']}" + (f"  ({r['why']})" if r.get("why") else ""),
               "per chip                       GiB"]
-    lines += [f"  {k:<26}{m[k] / GiB:8.2f}" for k in ("arguments", "temporaries", "outputs", "program")]
+    lines += [f"  {k:<26}{m[k] / GiB:8.2f}" for k in ("arguments", "temporaries", "outputs", "program") if k in m]
     lines += [f"  {'total':<26}{m['total'] / GiB:8.2f}  of {r['hbm_per_chip'] / GiB:.0f} HBM, {limit / GiB:.2f} usable "
               f"(hbm_margin {r['hbm_margin']}): {verdict}"]
+    if "compiler_said" in c:
+        lines.append(f"  the TPU compiler refused it: {c['compiler_said']}")
     peak = r["peak_flops_per_chip"]
     lines.append(f"FLOPs per step per chip: {c['flops_per_chip']:.4g} (jaxpr count; XLA's cost analysis "
                  f"{c['xla_flops_per_chip']:.4g}, loop bodies once)")
@@ -415,11 +440,13 @@ def table(r: dict) -> str:
         t100 = c["flops_per_chip"] / peak
         lines.append(f"step time at the bf16 peak ({peak / 1e12:.0f} TFLOP/s per chip): {t100:.3g} s at 100% MFU, "
                      f"{2 * t100:.3g} s at 50% MFU (a bound from FLOPs: step time is NOT measured)")
-    lines.append("largest arguments per chip: " + ", ".join(f"{n} {b / GiB:.3g} GiB" for n, b in c["largest_arguments"][:3]))
+    if c["largest_arguments"]:
+        lines.append("largest arguments per chip: " + ", ".join(f"{n} {b / GiB:.3g} GiB"
+                                                                 for n, b in c["largest_arguments"][:3]))
     lines.append("collectives per step per chip (result bytes, loop trip counts applied):")
     lines += [f"  {k:<20}{v['count']:8d} ops {v['bytes'] / GiB:10.3f} GiB" for k, v in sorted(c["collectives"].items())]
-    tries = ", ".join(f"k={x['accum_steps']} remat={x['remat']}: {x['memory']['total'] / GiB:.2f} GiB "
-                      f"({x['compile_seconds']:.0f} s)" for x in r["tried"])
+    tries = ", ".join(f"k={x['accum_steps']} remat={x['remat']}: {_needs(x)} ({x['compile_seconds']:.0f} s)"
+                      for x in r["tried"])
     lines.append(f"compiled {len(r['tried'])} program(s) in {r['compile_seconds']:.0f} s: {tries}")
     return "\n".join(lines)
 
