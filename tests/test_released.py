@@ -381,7 +381,7 @@ def test_errors_truncated_file_and_bad_options(tmp_path):
     write_release(str(tmp_path / "a"), release_tensors())
     path = tmp_path / "a" / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-1000])
-    with pytest.raises(CheckpointError, match="truncated"):
+    with pytest.raises(CheckpointError, match=r"the file holds \d+: truncated\?"):  # not the path's "truncated"
         vtp_jax.load_pretrained(str(tmp_path / "a"))
     write_release(str(tmp_path / "b"), release_tensors(), dict(RELEASE_CONFIG, text_quick_gelu=True,
                                                                vision_ffn_layer="moe"))
