@@ -99,14 +99,15 @@ class _Pickler(pickle._Pickler):  # the pure-Python pickler: its dispatch table 
         return "storage", Global("torch", STORAGE_NAMES[a.dtype]), key, "cpu", a.size
 
 
-def save(obj, path, archive: str = "archive") -> None:
-    """torch.save(obj, path) for an object of dicts / lists / tuples / plain values and `Tensor`s."""
+def save(obj, path, archive: str = "archive", byteorder: str = "little") -> None:
+    """torch.save(obj, path) for an object of dicts / lists / tuples / plain values and `Tensor`s
+    (byteorder 'big': as a big-endian machine writes it)."""
     storages = {}
     buf = io.BytesIO()
     _Pickler(buf, storages).dump(obj)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         z.writestr(f"{archive}/data.pkl", buf.getvalue())
-        z.writestr(f"{archive}/byteorder", "little")
+        z.writestr(f"{archive}/byteorder", byteorder)
         for key, a in storages.values():
-            z.writestr(f"{archive}/data/{key}", a.astype(a.dtype.newbyteorder("<")).tobytes())
+            z.writestr(f"{archive}/data/{key}", a.astype(a.dtype.newbyteorder("<" if byteorder == "little" else ">")).tobytes())
         z.writestr(f"{archive}/version", "3\n")

@@ -40,10 +40,9 @@ def load_workdir(workdir: str):
     cfg_path = paths.join(workdir, "config.json")
     if not paths.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: a training workdir holds config.json and checkpoints/")
-    saved = ml_collections.ConfigDict(paths.read_json(cfg_path))
-    model = config_lib.model_config()  # today's schema, the run's values
-    model.update(saved.model)
-    model_cfg = config_lib.model_config_for(ml_collections.ConfigDict(dict(model=model, objectives=saved.objectives)))
+    schema = ml_collections.ConfigDict(dict(model=config_lib.model_config(), objectives=config_lib.objectives_config()))
+    saved = config_lib.read_saved(cfg_path, schema, ("model", "objectives"))  # today's schema, the run's values
+    model_cfg = config_lib.model_config_for(saved)
     manager = ocp.CheckpointManager(paths.join(workdir, "checkpoints"))
     step = manager.latest_step()
     if step is None:

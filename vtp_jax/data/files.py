@@ -259,6 +259,8 @@ def _header_disagreement(local: str) -> str:
             size = f.seek(0, io.SEEK_END) - 8 - n
         entries = {k: v for k, v in header.items() if k != "__metadata__"}
         for name, info in entries.items():
+            if not isinstance(info["dtype"], str):
+                return f"tensor {name!r} has dtype {str(info['dtype'])[:40]}: expected a string such as 'F32'"
             start, end = info["data_offsets"]
             want = math.prod(info["shape"]) * _ST_ITEMSIZE.get(info["dtype"], 0)
             if info["dtype"] in _ST_ITEMSIZE and end - start != want:

@@ -207,13 +207,12 @@ def read_official_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def dit_config_of(workdir: str) -> ml_collections.ConfigDict:
     """The dit job's config a workdir was trained with: today's schema, the run's values."""
-    saved = paths.read_json(paths.join(workdir, "config.json"))
-    if saved.get("job", "dit") != "dit" or "dit" not in saved:
-        raise runner.ConfigError(f"sample.checkpoint={workdir} is a workdir of job {saved.get('job')!r}, not 'dit'")
-    c = dit.default_config()
-    c.seed = saved.get("seed", c.seed)
-    c.dit.update(saved["dit"])
-    return c
+    path = paths.join(workdir, "config.json")
+    saved = paths.read_json(path)
+    if not isinstance(saved, dict) or saved.get("job", "dit") != "dit" or "dit" not in saved:
+        job = saved.get("job") if isinstance(saved, dict) else None
+        raise runner.ConfigError(f"sample.checkpoint={workdir} is a workdir of job {job!r}, not 'dit'")
+    return config_lib.read_saved(path, dit.default_config(), ("seed", "dit"))
 
 
 def _latents_meta(c: ml_collections.ConfigDict, workdir: str) -> dict:
