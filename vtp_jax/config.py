@@ -118,17 +118,17 @@ def check_fields(config: ml_collections.ConfigDict, schema: ml_collections.Confi
 
 
 def read_saved(path: str, schema: ml_collections.ConfigDict, fields) -> ml_collections.ConfigDict:
-    """`schema` (today's fields and defaults) with the values a run saved in `path` (a workdir's
-    config.json) for the top-level `fields` (sections or values). Fields the schema no longer has
+    """`schema` (today's fields and defaults, filled in place) with the values a run saved in `path`
+    (a workdir's config.json) for the top-level `fields` (sections or values). Fields the schema no longer has
     are ignored (older runs); a file that is not a JSON object, a section that is not an object or
     a value of another type than the schema's is one ConfigError naming the file and every such field."""
     try:
         saved = paths.read_json(path)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ConfigError(f"{path}: not a readable config.json ({type(e).__name__}: {e})") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{path}: expected a JSON object of config fields, got {type(saved).__name__}")
-    c, bad = schema.copy_and_resolve_references(), []
+    c, bad = schema, []  # not a resolved copy: its typed None fields (FieldReference) keep their type
 
     def apply(node, values: dict, prefix: str):
         for k, v in values.items():

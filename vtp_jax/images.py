@@ -142,15 +142,15 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = 1
     w, h = img.size
     if w * h > max_pixels:
         raise DecodeError("too_large", f"{w}x{h} > max_pixels={max_pixels}")
-    try:
-        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # unreadable EXIF: the pixels may still be fine
-        orientation = 1
     conversions = []
     try:
         if draft_side and img.format == "JPEG":
             img.draft("RGB", (draft_side, draft_side))
-        img.load()
+        img.load()  # before getexif, which loads a PNG itself: a second load() of broken data passes silently
+        try:
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+        except Exception:  # unreadable EXIF: the pixels are fine
+            orientation = 1
         if orientation in range(2, 9):  # 1 is upright; other values are not orientations
             img = ImageOps.exif_transpose(img)
             conversions.append("exif_rotated")

@@ -114,7 +114,7 @@ def config_from_release(rc: dict, source: str = "config.json") -> ml_collections
     bad = [f"{k}={rc[k]!r} (supported: {v!r})" for k, v in _FIXED.items() if k in rc and rc[k] != v]
     for k, table in (("vision_ffn_layer", _FFN), ("decoder_ffn_layer", _FFN),
                      ("vision_norm_layer", _NORM), ("decoder_norm_layer", _NORM)):
-        if k in rc and rc[k] not in table:
+        if k in rc and (not isinstance(rc[k], str) or rc[k] not in table):
             bad.append(f"{k}={rc[k]!r} (supported: {sorted(table)})")
     if bad:
         raise CheckpointError(f"{source} uses options vtp-jax does not implement: " + "; ".join(bad + typed))
@@ -327,7 +327,7 @@ def convert(tensors: dict[str, np.ndarray], c: ml_collections.ConfigDict):
         if k not in tensors:
             continue
         want = flat_shapes[path]
-        expected = to_release(layout, np.empty(want)).shape
+        expected = to_release(layout, np.broadcast_to(np.float32(0), want)).shape  # shape only: nothing allocated
         got = tuple(tensors[k].shape)
         # The release shape is checked before any transpose: a transposed Linear whose shape
         # happens to equal ours must be reported, not taken as is.
@@ -378,6 +378,16 @@ def _unflatten(flat: dict[str, np.ndarray]):
     return tree
 
 
+def read_release_config(path: str) -> ml_collections.ConfigDict:
+    """Our model config from a release's config.json; invalid JSON or mistyped fields: one
+    CheckpointError naming the file (and every such field)."""
+    try:
+        rc = json.loads(paths.read_text(path))
+    except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    return config_from_release(rc, path)
+
+
 def load_release(folder: str, scan_layers: bool = False, allow_nonfinite: bool = False):
     """(model config, params) from a release folder; with `scan_layers` the config says so and
     each block stack's params are stacked (<tower>/blocks/..., leading depth axis). `folder` is a
@@ -389,11 +399,7 @@ def load_release(folder: str, scan_layers: bool = False, allow_nonfinite: bool =
     for p in (cfg_path, st_path):
         if not paths.exists(p):
             raise FileNotFoundError(f"{p} not found: a released VTP folder holds config.json and model.safetensors")
-    try:
-        rc = json.loads(paths.read_text(cfg_path))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
-    c = config_from_release(rc, cfg_path)
+    c = read_release_config(cfg_path)
     c.scan_layers = scan_layers
     try:
         tensors = files.read_safetensors(st_path, float_dtype=np.float32)

@@ -70,8 +70,10 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
     return data
 
 
-class _Unpickler(pickle.Unpickler):
-    """Resolves only what a file of tensors uses; any other name is refused before it is called."""
+class _Unpickler(pickle._Unpickler):
+    """Resolves only what a file of tensors uses; any other name is refused before it is called.
+    Python's own unpickler, not the C one: the C one sizes its memo from the indices the pickle
+    names (LONG_BINPUT 10^9: gigabytes allocated by a 200-byte file; the fuzz campaign found it)."""
 
     _ALLOWED = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
                 ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
@@ -219,6 +221,8 @@ def _tensor(t: _Tensor, load, where: str) -> np.ndarray:
         raise ValueError(f"tensor {where}: shape {size}, stride {stride}, offset {offset} reads element {last} of a "
                          f"storage of {st.numel}")
     data = load(st)
+    if not numel:
+        return np.zeros(size, st.dtype)
     contiguous = all(s == math.prod(size[i + 1:]) for i, (n, s) in enumerate(zip(size, stride)) if n > 1)
     if contiguous:
         out = data[offset: offset + numel].reshape(size)
@@ -282,7 +286,7 @@ def read_safetensors(path: str, float_dtype=None) -> dict[str, np.ndarray]:
         for name in f.keys():
             try:
                 a = f.get_tensor(name)
-            except (safetensors.SafetensorError, TypeError, ValueError) as e:  # a dtype NumPy cannot hold
+            except (safetensors.SafetensorError, TypeError, ValueError, AttributeError) as e:  # a dtype NumPy lacks
                 raise ValueError(f"{path}: tensor {name!r} cannot be read ({e})") from None
             floating = np.issubdtype(a.dtype, np.floating) or a.dtype == ml_dtypes.bfloat16
             out[name] = a.astype(float_dtype) if float_dtype is not None and floating else a

@@ -136,7 +136,10 @@ class OfficialLatentSource:
             missing = [k for k in OFFICIAL_KEYS if k not in h.keys()]
             if missing:
                 raise ValueError(f"{p}: no {', '.join(missing)}; official latent shards hold {OFFICIAL_KEYS}")
-            (shape, dt), (shape_f, dt_f), (shape_y, dt_y) = (_shape_dtype(h, k) for k in OFFICIAL_KEYS)
+            try:
+                (shape, dt), (shape_f, dt_f), (shape_y, dt_y) = (_shape_dtype(h, k) for k in OFFICIAL_KEYS)
+            except (TypeError, ValueError, AttributeError) as e:  # a dtype NumPy has no type for
+                raise ValueError(f"{p}: cannot read the tensors' dtypes ({e})") from None
             if (len(shape) != 4 or shape_f != shape or shape_y != shape[:1] or dt_f != dt
                     or not np.issubdtype(dt_y, np.integer)):
                 raise ValueError(f"{p}: latents {shape} {dt}, latents_flip {shape_f} {dt_f}, labels {shape_y} {dt_y}: "

@@ -89,6 +89,8 @@ def _webdataset_records(tars: Sequence[str], counts: Counter) -> Iterator[bytes]
                         continue
                     if member.size > MAX_MEMBER_BYTES or member.issparse():  # a gzip bomb, a hole-filled sparse file
                         counts["skipped/too_large_member"] += 1
+                        if not member.issparse() and not _drained(tar.extractfile(member), member.size):
+                            raise EOFError("the tar ends inside a member")  # tarfile would seek 1e20 bytes on
                         continue
                     folder, base = os.path.split(member.name)
                     if base.startswith("."):
@@ -111,6 +113,17 @@ def _webdataset_records(tars: Sequence[str], counts: Counter) -> Iterator[bytes]
             screened = _screen(image, files.get(".txt"), counts)
             if screened:
                 yield sources.encode_record(screened[0], screened[1], label, f"{os.path.basename(path)}/{key}")
+
+
+def _drained(f, size: int) -> bool:
+    """Reads and drops a member's bytes in 1 MB chunks; False if the stream ends first (a header
+    that claims more than the tar holds, which tarfile's stream skip would loop over block by block)."""
+    while size > 0:
+        chunk = f.read(min(size, 1 << 20))
+        if not chunk:
+            return False
+        size -= len(chunk)
+    return True
 
 
 def _folder_items(root: str, manifest: str | None) -> list[tuple[str, str | None, int]]:
