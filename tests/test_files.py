@@ -60,7 +60,7 @@ def _rewrite(path, change):
     (lambda n, b: None if n.endswith("data/0") else b, "storage '0' is not in the file"),
     (lambda n, b: b"middle" if n.endswith("byteorder") else b, "byteorder 'middle': expected 'little' or 'big'"),
     (lambda n, b: None if n.endswith("data.pkl") else b, "no data.pkl"),
-    (lambda n, b: b[:len(b) // 2] if n.endswith("data.pkl") else b, "not a readable torch.save zip file"),
+    (lambda n, b: b[:3] if n.endswith("data.pkl") else b, "not a readable torch.save zip file"),
 ])
 def test_torch_file_whose_members_disagree_is_refused(tmp_path, change, needle):
     path = tmp_path / "x.pt"
