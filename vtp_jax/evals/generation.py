@@ -118,10 +118,10 @@ class GenerationEvaluator:
         if e.reference_stats:
             ref["mu"], ref["sigma"] = fid.load_reference_stats(e.reference_stats)
             with files.NpzArchive(e.reference_stats) as archive:
-                files = set(archive.files)
-                if e.sfid and {"mu_s", "sigma_s"} <= files:
+                names = set(archive.files)
+                if e.sfid and {"mu_s", "sigma_s"} <= names:
                     ref["mu_s"], ref["sigma_s"] = fid.load_reference_stats(e.reference_stats, spatial=True)
-                if e.precision_recall and "arr_0" in files:  # ADM: features of the batch's own images
+                if e.precision_recall and "arr_0" in names:  # ADM: features of the batch's own images
                     ref["features"] = self._features_of(archive["arr_0"])
         missing = [k for k, on in (("mu", True), ("mu_s", e.sfid), ("features", e.precision_recall))
                    if on and k not in ref]
