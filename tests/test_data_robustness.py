@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from vtp_jax import config as config_lib
-from vtp_jax.data import pipeline, sources, transforms
+from vtp_jax import images
+from vtp_jax.data import pipeline, sources
 
 
 def encoded(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -119,20 +120,20 @@ def test_a_source_of_only_bad_records_fails_clearly(tmp_path):
 
 def test_decode_repairs():
     kw = dict(max_pixels=10 ** 8, min_side=1)
-    img, conv = transforms.decode_image(exif_rotated_jpeg(), **kw)
+    img, conv = images.decode_image(exif_rotated_jpeg(), **kw)
     assert img.size == (20, 40) and conv == ["exif_rotated"]  # upright: 40 x 20 stored, rotated 90 degrees
-    img, conv = transforms.decode_image(rgba_png(), **kw)
+    img, conv = images.decode_image(rgba_png(), **kw)
     pixels = np.asarray(img)
     assert conv == ["mode_converted"] and img.mode == "RGB"
     assert np.array_equal(pixels[15, 5], (255, 255, 255)) and np.array_equal(pixels[5, 5], (200, 10, 10))
-    img, _ = transforms.decode_image(encoded(Image.fromarray(np.full((4, 4), 65535, np.uint16)), "PNG"), **kw)
+    img, _ = images.decode_image(encoded(Image.fromarray(np.full((4, 4), 65535, np.uint16)), "PNG"), **kw)
     assert np.all(np.asarray(img) == 255)  # 16-bit white stays white instead of clipping garbage
-    img, _ = transforms.decode_image(encoded(Image.new("CMYK", (4, 4), (0, 0, 0, 0)), "JPEG"), **kw)
+    img, _ = images.decode_image(encoded(Image.new("CMYK", (4, 4), (0, 0, 0, 0)), "JPEG"), **kw)
     assert np.all(np.asarray(img) >= 250)  # no ink = white
-    with pytest.raises(transforms.DecodeError, match="too_large: 30000x30000|too_large"):
-        transforms.decode_image(png_bomb(30000, 30000), **kw)
-    with pytest.raises(transforms.DecodeError, match="too_large: 3000x3000 > max_pixels=1000000"):
-        transforms.decode_image(png_bomb(3000, 3000), max_pixels=10 ** 6, min_side=1)
+    with pytest.raises(images.DecodeError, match="too_large: 30000x30000|too_large"):
+        images.decode_image(png_bomb(30000, 30000), **kw)
+    with pytest.raises(images.DecodeError, match="too_large: 3000x3000 > max_pixels=1000000"):
+        images.decode_image(png_bomb(3000, 3000), max_pixels=10 ** 6, min_side=1)
 
 
 def test_counts_cross_worker_processes_and_resume_exactly(tmp_path):

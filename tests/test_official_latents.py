@@ -18,32 +18,19 @@ import pytest
 import safetensors.numpy
 
 import tiny
+import torch_files
+from vtp_jax.data import files
 from vtp_jax.data import latents as latents_lib
 
 C, H, W = 6, 4, 4  # latents (N, C, H, W); non-square would also do, but the release's are square
 
 
-def _torch():
-    return pytest.importorskip("torch")
-
-
-def write_release_stats(path, mean, std, need_torch=False):
-    """torch.save({'mean': (1, C, 1, 1), 'std': (1, C, 1, 1)}) as ImgLatentDataset writes it.
-
-    Tests that only need some statistics file fall back to our stats.npz (same folder, same
-    name with .npz) without torch; returns the path written."""
-    try:
-        import torch
-    except ImportError:
-        if need_torch:
-            pytest.skip("torch is needed to write the release's latents_stats.pt")
-        path = os.path.join(os.path.dirname(str(path)), "stats.npz" if str(path).endswith("latents_stats.pt")
-                            else os.path.basename(str(path))[:-3] + ".npz")
-        np.savez(path, mean=np.asarray(mean, np.float32).reshape(1, -1, 1, 1),
-                 std=np.asarray(std, np.float32).reshape(1, -1, 1, 1))
-        return path
-    torch.save({"mean": torch.from_numpy(mean.reshape(1, -1, 1, 1).astype(np.float32)),
-                "std": torch.from_numpy(std.reshape(1, -1, 1, 1).astype(np.float32))}, str(path))
+def write_release_stats(path, mean, std):
+    """torch.save({'mean': (1, C, 1, 1), 'std': (1, C, 1, 1)}) as ImgLatentDataset writes it, in
+    torch's zip layout (tests/torch_files.py, checked against torch in benchmarks/RESULTS.md)."""
+    torch_files.save({"mean": torch_files.tensor(np.asarray(mean, np.float32).reshape(1, -1, 1, 1)),
+                      "std": torch_files.tensor(np.asarray(std, np.float32).reshape(1, -1, 1, 1))}, str(path),
+                     archive=os.path.basename(str(path))[:-3])
     return str(path)
 
 
@@ -68,26 +55,33 @@ def write_official_shards(folder, counts, seed=0, dtype=np.float32, classes=10, 
 # ------------------------------------------------------------------------------------------
 # torch.save files without torch.
 # ------------------------------------------------------------------------------------------
-def test_torch_file_reader_matches_torch(tmp_path):
-    """Strided views, offsets, every dtype the latents come in, parameters and nested containers."""
-    torch = _torch()
+def test_torch_file_reader_reads_torch_layout(tmp_path):
+    """Strided views of one storage, offsets, every dtype the latents come in, parameters and nested
+    containers, written in torch's layout (benchmarks/torch_files_vs_torch.py: torch.load reads these
+    files to the same tensors, and read_torch_file reads torch.save's files to the same arrays)."""
     import collections
 
-    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    obj = {"mean": torch.randn(1, C, 1, 1), "t": base.t(), "slice": base[1:3, ::2],
-           "half": torch.randn(3, 2).half(), "bf16": torch.randn(5).bfloat16(), "long": torch.arange(7),
-           "param": torch.nn.Parameter(torch.ones(2, 2)), "nested": [torch.zeros(3), {"k": (1, "s", 2.5)}],
-           "od": collections.OrderedDict(a=torch.tensor(3.0))}
-    torch.save(obj, str(tmp_path / "x.pt"))
-    got = latents_lib.read_torch_file(str(tmp_path / "x.pt"))
-    for k in ("mean", "t", "slice", "half", "long"):
-        np.testing.assert_array_equal(got[k], obj[k].numpy())
-        assert got[k].dtype == obj[k].numpy().dtype and got[k].shape == tuple(obj[k].shape)
-    assert got["bf16"].dtype == ml_dtypes.bfloat16
-    np.testing.assert_array_equal(got["bf16"].astype(np.float32), obj["bf16"].float().numpy())
+    base = np.arange(24, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    mean, half = rng.standard_normal((1, C, 1, 1)).astype(np.float32), rng.standard_normal((3, 2)).astype(np.float16)
+    bf16 = rng.standard_normal(5).astype(ml_dtypes.bfloat16)
+    obj = {"mean": torch_files.tensor(mean), "t": torch_files.Tensor(base, 0, (6, 4), (1, 6)),
+           "slice": torch_files.Tensor(base, 6, (2, 3), (6, 2)), "half": torch_files.tensor(half),
+           "bf16": torch_files.tensor(bf16), "long": torch_files.tensor(np.arange(7)),
+           "param": torch_files.tensor(np.ones((2, 2), np.float32), parameter=True),
+           "nested": [torch_files.tensor(np.zeros(3, np.float32)), {"k": (1, "s", 2.5)}],
+           "od": collections.OrderedDict(a=torch_files.tensor(np.float32(3.0)))}
+    torch_files.save(obj, tmp_path / "x.pt")
+    got = files.read_torch_file(str(tmp_path / "x.pt"))
+    grid = base.reshape(4, 6)  # the NumPy views the strides describe
+    for k, want in (("mean", mean), ("t", grid.T), ("slice", grid[1:3, ::2]), ("half", half), ("bf16", bf16),
+                    ("long", np.arange(7))):
+        assert got[k].dtype == want.dtype and got[k].shape == want.shape, k
+        np.testing.assert_array_equal(got[k], want)
     np.testing.assert_array_equal(got["param"], np.ones((2, 2), np.float32))
     np.testing.assert_array_equal(got["nested"][0], np.zeros(3, np.float32))
-    assert got["nested"][1] == {"k": (1, "s", 2.5)} and float(got["od"]["a"]) == 3.0
+    assert got["nested"][1] == {"k": (1, "s", 2.5)} and isinstance(got["od"], collections.OrderedDict)
+    assert got["od"]["a"].shape == () and float(got["od"]["a"]) == 3.0
 
 
 def test_torch_file_reader_refuses_code(tmp_path):
@@ -99,11 +93,11 @@ def test_torch_file_reader_refuses_code(tmp_path):
     path = tmp_path / "evil.pt"
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("evil/data.pkl", pickle.dumps({"mean": Evil()}, protocol=2))
-    with pytest.raises(pickle.UnpicklingError, match="refused"):
-        latents_lib.read_torch_file(str(path))
+    with pytest.raises(ValueError, match=r"evil.pt: \w+\.system is not a tensor, storage or container: refused"):
+        files.read_torch_file(str(path))
     assert not (tmp_path / "pwned").exists()
-    with pytest.raises(ValueError, match="not a torch.save zip"):
-        latents_lib.read_torch_file(__file__)
+    with pytest.raises(ValueError, match="not a readable torch.save zip file"):
+        files.read_torch_file(__file__)
 
 
 # ------------------------------------------------------------------------------------------
@@ -114,7 +108,8 @@ def test_load_stats_release_file_and_folder(tmp_path):
     mean, std = rng.standard_normal(C).astype(np.float32), rng.uniform(0.05, 0.3, C).astype(np.float32)
     release = tmp_path / "vtp_l"
     release.mkdir()
-    write_release_stats(release / "latents_stats.pt", mean, std, need_torch=True)
+    write_release_stats(release / "latents_stats.pt", mean, std)
+    assert files.is_torch_zip(str(release / "latents_stats.pt"))
     for path in (release / "latents_stats.pt", release):  # the file or the folder holding it
         m, s = latents_lib.load_stats(str(path))
         assert m.shape == s.shape == (C,) and m.dtype == s.dtype == np.float32
@@ -303,6 +298,16 @@ def test_flow_loss_evaluator_reads_official_shards(tmp_path):
     ev = generation.FlowLossEvaluator(gen, sharding.make_mesh((1, 1, 1)), e)
     np.testing.assert_array_equal(ev.z, z.transpose(0, 2, 3, 1))
     np.testing.assert_array_equal(ev.y, y)
-    # Zero-initialized output: v = 0, so the loss is E|x1 - x0|^2 + 1 (the cosine term of a zero vector).
+    # Zero-initialized output (adaLN-Zero): v = 0 for any input, so each record's loss is
+    # mean (x1 - x0)^2 + mean over positions of (1 - cos(0, u)) = mean (x1 - x0)^2 + 1, with x1 the
+    # normalized latent and x0 the evaluator's fixed noise (batch b: split(fold_in(key(seed), b * 4))[0]).
+    assert not np.any(model.apply({"params": params}, jax.numpy.zeros((2, H, W, C)), jax.numpy.ones(2),
+                                  jax.numpy.zeros(2, int)))
+    want = []
+    for start in range(0, len(z), 4):
+        x1 = (z[start:start + 4].transpose(0, 2, 3, 1).astype(np.float64) - 0.3) / 0.2
+        r_noise, _ = jax.random.split(jax.random.fold_in(jax.random.key(0), start))
+        x0 = np.asarray(jax.random.normal(r_noise, x1.shape), np.float64)
+        want += list(np.mean((x1 - x0) ** 2, axis=(1, 2, 3)) + 1.0)
     loss = ev.run(params)["loss"]
-    assert 1.5 < loss < 3.5  # x1 ~ N(0, 1) after normalization, x0 ~ N(0, 1): E|x1 - x0|^2 = 2
+    np.testing.assert_allclose(loss, np.mean(want), rtol=1e-5)

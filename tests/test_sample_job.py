@@ -1,17 +1,22 @@
 """The sample job on a tiny DiT workdir (trained here for 2 steps): samples.npz in the layout ADM's
 evaluator reads, class-balanced labels, a resumed run byte-identical to an uninterrupted one,
-images equal to the DiT job's Generator on the same noise, and the same samples from the DiT
-written as an official LightningDiT checkpoint (which needs a tokenizer and latent statistics)."""
+images equal to the sampler re-derived in NumPy on the same noise, and the same samples from the DiT
+written as an official LightningDiT checkpoint (torch.save's layout, written without torch; it needs
+a tokenizer and latent statistics) and its state dict read alike from .pt, .safetensors and .npz."""
 import json
 import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 from PIL import Image
 
 import tiny
+import torch_files
+import vtp_jax
 from vtp_jax import jobs, sharding
 from vtp_jax.checkpoints import lightningdit as ld
 from vtp_jax.data import latents as latents_lib
@@ -94,31 +99,64 @@ def test_resumed_run_is_byte_identical(sampled, tmp_path):
                  cfg_scale=2.0), workdir)
 
 
-def test_images_are_the_dit_generators_on_the_same_noise(trained, sampled):
-    """Independently of the job: the DiT job's Generator on the run's config, the EMA params of its
-    checkpoint and noise drawn one sample at a time from fold_in(key(seed), i)."""
-    images, labels = load_npz(sampled)
-    workdir = trained[1]
+IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+def test_images_are_the_sampler_rederived_in_numpy(trained, tmp_path):
+    """Independently of the job's Generator, sampler and quantisation. The trained DiT's params,
+    perturbed so that its velocity is far from 0 (2 steps from adaLN-Zero leave it near 0, where
+    any sampler gives the same images), written as an official state dict; the job samples them
+    with guidance 2, 3 grid points, shift 0.3 and multiplier 0.8. The reference in NumPy float64:
+    LightningDiT's grid (linspace, then t' = s t / (1 + (s - 1) t)), the Euler steps, CFG
+    v_u + s (v_c - v_u) with the null class, the inverse latent normalisation with stats.npz,
+    ImageNet's inverse normalisation, the clip and ADM's floor(255 x). Only the networks (the DiT's
+    velocity in our layout, not through the state dict; the tokenizer's decoder through the public
+    load_pretrained) and the per-sample noise N(0, I) of fold_in(key(seed), i) come from the package."""
+    tokenizer, workdir = trained
     c = dit.default_config()
     c.dit.update(json.load(open(os.path.join(workdir, "config.json")))["dit"])
-    meta = latents_lib.read_meta(c.dit.latents)
-    mesh = sharding.make_mesh((1, 1, 1))
-    mean, std, tok_model, tok_params = dit.load_generator_parts(c, meta, mesh)
-    g = dit.Generator(dit.model_from(c, meta), c.dit.sample, mean, std, c.dit.latent_multiplier, tok_model,
-                      tok_params, latent_shape=meta["shape"])
-    ema = tiny.restore_params(workdir, 2, field="ema_params")
-    idx = np.arange(32, 64)  # the second batch
-    noise = np.stack([jax.random.normal(jax.random.fold_in(jax.random.key(0), int(i)), tuple(meta["shape"]))
-                      for i in idx])
-    with runner.scope_of(mesh):
-        x = np.asarray(g.images(ema, noise, labels[idx]))
-    want = np.floor(255 * x).astype(np.uint8)
-    # another mesh (1 device, not 2) may round a float differently: a level of 255 at most, rarely
-    diff = np.abs(want.astype(int) - images[idx])
+    meta = json.load(open(os.path.join(c.dit.latents, "meta.json")))
+    model, channels = dit.model_from(c, meta), meta["shape"][-1]
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: (a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32),
+                          tiny.restore_params(workdir, 2, "ema_params"))
+    sd = ld.to_state_dict({f: getattr(model, f) for f in HP_FIELDS}, params)
+    safetensors.numpy.save_file(sd, str(tmp_path / "dit.safetensors"))
+    scale, steps, shift, multiplier = 2.0, 3, 0.3, 0.8
+    stats = os.path.join(c.dit.latents, "stats.npz")
+    out = str(tmp_path / "samples")
+    jobs.run(sample_config(str(tmp_path / "dit.safetensors"), tokenizer=tokenizer, latent_stats=stats,
+                           num_steps=steps, shift=shift, cfg_scale=scale, latent_multiplier=multiplier,
+                           num_samples=CLASSES, part_size=CLASSES, preview=0), out)
+    images, labels = load_npz(out)
+    with np.load(stats) as f:
+        mean, std = f["mean"].astype(np.float64), f["std"].astype(np.float64)
+    noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(0), i), tuple(meta["shape"])))
+                      for i in range(len(labels))]).astype(np.float64)
+    x = noise
+    t = np.linspace(0.0, 1.0, steps)
+    t = shift * t / (1 + (shift - 1) * t)
+
+    def velocity(x, t, y):
+        out = model.apply({"params": params}, jnp.asarray(x, jnp.float32), jnp.full((len(x),), t, jnp.float32),
+                          jnp.asarray(y))
+        return np.asarray(out, np.float64)[..., :channels]
+
+    with runner.scope_of(sharding.make_mesh((1, 1, 1))):
+        for t0, t1 in zip(t[:-1], t[1:]):
+            v_c, v_u = velocity(x, t0, labels), velocity(x, t0, np.full_like(labels, model.num_classes))
+            x = x + (t1 - t0) * (v_u + scale * (v_c - v_u))
+    z = x / multiplier * std + mean
+    pixels = np.asarray(vtp_jax.load_pretrained(tokenizer).decode(z), np.float64) * IMAGENET_STD + IMAGENET_MEAN
+    want = np.floor(255 * np.clip(pixels, 0.0, 1.0)).astype(np.uint8)
+    # float32 networks fed float64 sums on one device, the job's on two: a level of 255 at most, rarely
+    diff = np.abs(want.astype(int) - images)
     assert diff.max() <= 1 and np.mean(diff == 0) > 0.999, (diff.max(), np.mean(diff == 0))
+    assert np.abs(x - noise).mean() > 0.1  # the sampler moves the noise far: a wrong grid or guidance shows
     # the job's batched noise is the per-sample noise, whatever the batch
-    np.testing.assert_array_equal(sample.sample_noise(0, idx, meta["shape"]), noise)
-    np.testing.assert_array_equal(sample.sample_noise(0, idx[5:9], meta["shape"]), noise[5:9])
+    idx = np.arange(32, 64)
+    np.testing.assert_array_equal(sample.sample_noise(0, idx, meta["shape"]), noise[idx].astype(np.float32))
+    np.testing.assert_array_equal(sample.sample_noise(0, idx[5:9], meta["shape"]), noise[idx[5:9]].astype(np.float32))
 
 
 def test_official_checkpoint_needs_tokenizer_and_stats_then_matches(trained, sampled, tmp_path):
@@ -127,14 +165,10 @@ def test_official_checkpoint_needs_tokenizer_and_stats_then_matches(trained, sam
     c.dit.update(json.load(open(os.path.join(workdir, "config.json")))["dit"])
     model = dit.model_from(c, latents_lib.read_meta(c.dit.latents))
     sd = ld.to_state_dict({f: getattr(model, f) for f in HP_FIELDS}, tiny.restore_params(workdir, 2, "ema_params"))
-    try:
-        import torch
-
-        path = str(tmp_path / "lightningdit.pt")
-        torch.save({"ema": {k: torch.from_numpy(v) for k, v in sd.items()}}, path)
-    except ImportError:
-        path = str(tmp_path / "lightningdit.npz")
-        np.savez(path, **sd)
+    # torch.save({"ema": state dict}) in torch's zip layout, written without torch (tests/torch_files.py)
+    path = str(tmp_path / "lightningdit.pt")
+    torch_files.save({"ema": {k: torch_files.tensor(v) for k, v in sd.items()}, "steps": 2}, path,
+                     archive="lightningdit")
     with pytest.raises(runner.ConfigError) as e:
         jobs.run(sample_config(path), str(tmp_path / "refused"))
     lines = str(e.value).splitlines()[1:]
@@ -149,10 +183,14 @@ def test_official_checkpoint_needs_tokenizer_and_stats_then_matches(trained, sam
     want, want_labels = load_npz(sampled)
     np.testing.assert_array_equal(labels, want_labels)
     np.testing.assert_array_equal(images, want)  # the same params, noise, statistics and decoder
-    # the .safetensors / .npz forms of the same state dict load to the same params
+    # the .pt, .safetensors and .npz forms of the same state dict read to the same arrays
+    safetensors.numpy.save_file(sd, str(tmp_path / "sd.safetensors"))
     np.savez(tmp_path / "sd.npz", **sd)
-    back = sample.read_official_state_dict(str(tmp_path / "sd.npz"))
-    assert sorted(back) == sorted(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
+    for form in (path, str(tmp_path / "sd.safetensors"), str(tmp_path / "sd.npz")):
+        back = sample.read_official_state_dict(form)
+        assert sorted(back) == sorted(sd), form
+        for k in sd:
+            assert back[k].dtype == np.float32 and np.array_equal(back[k], sd[k]), (form, k)
 
 
 def test_validation_one_line_per_problem(trained, tmp_path):

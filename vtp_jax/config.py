@@ -13,6 +13,7 @@ import numbers
 
 import ml_collections
 
+from vtp_jax import paths
 from vtp_jax.data import procedural
 
 
@@ -114,6 +115,40 @@ def check_fields(config: ml_collections.ConfigDict, schema: ml_collections.Confi
     walk(config, schema, "")
     if unknown:
         raise ValueError(f"unknown {where} field(s): {', '.join(sorted(unknown))}")
+
+
+def read_saved(path: str, schema: ml_collections.ConfigDict, fields) -> ml_collections.ConfigDict:
+    """`schema` (today's fields and defaults, filled in place) with the values a run saved in `path`
+    (a workdir's config.json) for the top-level `fields` (sections or values). Fields the schema no longer has
+    are ignored (older runs); a file that is not a JSON object, a section that is not an object or
+    a value of another type than the schema's is one ConfigError naming the file and every such field."""
+    try:
+        saved = paths.read_json(path)
+    except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{path}: not a readable config.json ({type(e).__name__}: {e})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config fields, got {type(saved).__name__}")
+    c, bad = schema, []  # not a resolved copy: its typed None fields (FieldReference) keep their type
+
+    def apply(node, values: dict, prefix: str):
+        for k, v in values.items():
+            if k not in node:
+                continue
+            if isinstance(node[k], ml_collections.ConfigDict):
+                if isinstance(v, dict):
+                    apply(node[k], v, f"{prefix}{k}.")
+                else:
+                    bad.append(f"{prefix}{k}={str(v)[:60]}: expected an object of fields")
+                continue
+            try:
+                node[k] = v  # ml_collections checks the type (int -> float and list -> tuple allowed)
+            except (TypeError, ValueError):
+                bad.append(f"{prefix}{k}={str(v)[:60]!s}: expected {type(node[k]).__name__}")
+
+    apply(c, {k: saved[k] for k in fields if k in saved}, "")
+    if bad:
+        raise ConfigError(f"{path}: {'; '.join(bad)}")
+    return c
 
 
 def objectives_config() -> ml_collections.ConfigDict:

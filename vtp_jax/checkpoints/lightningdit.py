@@ -6,7 +6,7 @@ explicit, invertible layout: Linear (out, in) -> (in, out), Conv2d OIHW -> HWIO,
 [q | k | v] per head, and the SwiGLU's fused `w12` split into our w1 (first half, through
 SiLU) and w2. Non-learned buffers (pos_embed, the RoPE tables) are checked against ours instead
 of loaded. Anything missing, unexpected, mis-shaped or different is reported in one error.
-The core is torch-free; only `read_torch_checkpoint` imports torch.
+No torch is needed: .pt files are read by the checked reader of vtp_jax.data.files.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vtp_jax import sampling
+from vtp_jax.data import files
 from vtp_jax.checkpoints.released import (CONV, FLAT, IDENT, LINEAR, LINEAR_OUT2, CheckpointError, _flatten,
                                           _unflatten, to_ours, to_release)
 from vtp_jax.models import dit as dit_lib
@@ -189,17 +190,17 @@ def to_state_dict(hp: dict, params) -> dict[str, np.ndarray]:
 
 
 def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
-    """The state dict of a LightningDiT .pt file: its `ema` entry, else `model`, else the file."""
+    """The float32 state dict of a LightningDiT .pt file (its `ema` entry, else `model`, else the
+    file), read without torch by the checked reader (`vtp_jax.data.files`): no pickle code runs."""
     try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"reading the PyTorch checkpoint {path} needs torch: pip install 'vtp-jax[torch]'") from e
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = files.read_torch_file(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     sd = ckpt.get("ema", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: expected a state dict or a dict with 'ema' / 'model', "
                               f"got {type(ckpt).__name__}")
-    return {k: v.detach().float().numpy() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return {k: v.astype(np.float32) for k, v in sd.items() if isinstance(v, np.ndarray)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +260,8 @@ class PretrainedDiT:
 
 def load_lightningdit(checkpoint: str | Mapping[str, Any], num_heads: int | None = None,
                       scan_layers: bool = False) -> PretrainedDiT:
-    """A LightningDiT `.pt` checkpoint (needs torch), or an official state dict of arrays."""
+    """A LightningDiT `.pt` checkpoint (torch.save's zip format; torch is not needed), or an official
+    state dict of arrays."""
     sd = read_torch_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     config, params = from_state_dict(sd, num_heads, scan_layers)
     return PretrainedDiT(config, jax.device_put(params))

@@ -8,7 +8,7 @@ collected and reported in one error so that a user fixes a bad checkpoint in one
 from __future__ import annotations
 
 import json
-import os
+
 import jax
 import ml_collections
 import ml_dtypes
@@ -17,70 +17,13 @@ import numpy as np
 from vtp_jax import config as config_lib
 from vtp_jax import paths
 from vtp_jax.checkpoints import hub
+from vtp_jax.data import files
 from vtp_jax.models import layers as layers_lib
 from vtp_jax.models import vtp as vtp_lib
-
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
-              "I64": np.int64, "I32": np.int32}
 
 
 class CheckpointError(ValueError):
     """A release folder whose files do not match what its config.json describes."""
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Tensors of a .safetensors file as float32 NumPy arrays (bf16 / f16 upcast). A header that
-    disagrees with the bytes it describes is one CheckpointError naming the file and the tensors."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n < 100 << 20:
-                raise CheckpointError(f"{path}: not a safetensors file (header length {n})")
-            header = json.loads(f.read(n))
-        empty = os.path.getsize(path) <= 8 + n  # np.memmap cannot map 0 bytes
-        data = np.zeros(0, np.uint8) if empty else np.memmap(path, np.uint8, mode="r", offset=8 + n)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read safetensors header: {e}") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
-    out, problems = {}, []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        problem = _header_problem(info, data.size)
-        if problem:
-            problems.append(f"tensor {name!r} {problem}")
-            continue
-        start, end = info["data_offsets"]
-        a = np.frombuffer(data[start:end], _ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-        out[name] = a.astype(np.float32) if a.dtype != np.int64 and a.dtype != np.int32 else a
-    if problems:
-        raise CheckpointError(f"{path}: {'; '.join(problems[:5])}"
-                              + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
-    return out
-
-
-def _header_problem(info, n_bytes: int) -> str | None:
-    """What is wrong with one tensor's header entry against a data section of n_bytes, if anything."""
-    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-        return "has no dtype / shape / data_offsets in the header"
-    if not isinstance(info["dtype"], str) or info["dtype"] not in _ST_DTYPES:
-        return f"has unsupported dtype {info['dtype']!r} (supported: {', '.join(_ST_DTYPES)})"
-    shape, offsets = info["shape"], info["data_offsets"]
-    ints = lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0  # noqa: E731
-                                                 for x in v)
-    if not ints(shape):
-        return f"has shape {shape!r}: expected a list of non-negative integers"
-    if not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
-        return f"has data_offsets {offsets!r}: expected [start, end] with start <= end"
-    start, end = offsets
-    if end > n_bytes:
-        return f"lies past the end of the file (bytes {start}..{end} of {n_bytes}: truncated?)"
-    want = int(np.prod(shape, dtype=np.int64)) * np.dtype(_ST_DTYPES[info["dtype"]]).itemsize
-    if end - start != want:
-        return (f"has {end - start} bytes for shape {shape} {info['dtype']}: expected {want} (the header disagrees "
-                "with the data)")
-    return None
 
 
 def nonfinite_tensors(tensors: dict) -> list[str]:
@@ -171,7 +114,7 @@ def config_from_release(rc: dict, source: str = "config.json") -> ml_collections
     bad = [f"{k}={rc[k]!r} (supported: {v!r})" for k, v in _FIXED.items() if k in rc and rc[k] != v]
     for k, table in (("vision_ffn_layer", _FFN), ("decoder_ffn_layer", _FFN),
                      ("vision_norm_layer", _NORM), ("decoder_norm_layer", _NORM)):
-        if k in rc and rc[k] not in table:
+        if k in rc and (not isinstance(rc[k], str) or rc[k] not in table):
             bad.append(f"{k}={rc[k]!r} (supported: {sorted(table)})")
     if bad:
         raise CheckpointError(f"{source} uses options vtp-jax does not implement: " + "; ".join(bad + typed))
@@ -384,7 +327,7 @@ def convert(tensors: dict[str, np.ndarray], c: ml_collections.ConfigDict):
         if k not in tensors:
             continue
         want = flat_shapes[path]
-        expected = to_release(layout, np.empty(want)).shape
+        expected = to_release(layout, np.broadcast_to(np.float32(0), want)).shape  # shape only: nothing allocated
         got = tuple(tensors[k].shape)
         # The release shape is checked before any transpose: a transposed Linear whose shape
         # happens to equal ours must be reported, not taken as is.
@@ -435,6 +378,16 @@ def _unflatten(flat: dict[str, np.ndarray]):
     return tree
 
 
+def read_release_config(path: str) -> ml_collections.ConfigDict:
+    """Our model config from a release's config.json; invalid JSON or mistyped fields: one
+    CheckpointError naming the file (and every such field)."""
+    try:
+        rc = json.loads(paths.read_text(path))
+    except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    return config_from_release(rc, path)
+
+
 def load_release(folder: str, scan_layers: bool = False, allow_nonfinite: bool = False):
     """(model config, params) from a release folder; with `scan_layers` the config says so and
     each block stack's params are stacked (<tower>/blocks/..., leading depth axis). `folder` is a
@@ -446,13 +399,12 @@ def load_release(folder: str, scan_layers: bool = False, allow_nonfinite: bool =
     for p in (cfg_path, st_path):
         if not paths.exists(p):
             raise FileNotFoundError(f"{p} not found: a released VTP folder holds config.json and model.safetensors")
-    try:
-        rc = json.loads(paths.read_text(cfg_path))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
-    c = config_from_release(rc, cfg_path)
+    c = read_release_config(cfg_path)
     c.scan_layers = scan_layers
-    tensors = read_safetensors(paths.local_copy(st_path))  # memory-mapped: a local file
+    try:
+        tensors = files.read_safetensors(st_path, float_dtype=np.float32)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     try:
         params = convert(tensors, c)
     except CheckpointError as e:

@@ -44,15 +44,15 @@ def tokenizer_config(path: str, field: str = "eval.checkpoint") -> ml_collection
         raise FileNotFoundError(f"{field}={path!r}: no config.json there: give a release-format folder (a run's "
                                 f"export/, a released VTP) or a training workdir (--config.{field}=DIR)")
     if is_release_folder(path):
-        return released.config_from_release(paths.read_json(cfg_path), cfg_path)
+        return released.read_release_config(cfg_path)
     return _workdir_model_config(cfg_path)
 
 
 def _workdir_model_config(cfg_path: str) -> ml_collections.ConfigDict:
-    saved = ml_collections.ConfigDict(paths.read_json(cfg_path))
-    model = config_lib.model_config()  # today's schema, the run's values
-    model.update(saved.model)
-    return config_lib.model_config_for(ml_collections.ConfigDict(dict(model=model, objectives=saved.objectives)))
+    """The model config of a training workdir's config.json: today's schema, the run's values
+    (one ConfigError naming every mistyped field)."""
+    schema = ml_collections.ConfigDict(dict(model=config_lib.model_config(), objectives=config_lib.objectives_config()))
+    return config_lib.model_config_for(config_lib.read_saved(cfg_path, schema, ("model", "objectives")))
 
 
 def load_workdir(workdir: str):

@@ -18,20 +18,16 @@ are read through `latent_source` / `read_meta` / `latent_stats`; records come ou
 """
 from __future__ import annotations
 
-import collections
-import io
 import json
-import pickle
-import zipfile
-from typing import Any, Iterator, NamedTuple
+from typing import Iterator
 
 import grain
-import ml_dtypes
 import msgpack
 import numpy as np
 from absl import logging
 
 from vtp_jax import paths
+from vtp_jax.data import files
 
 META, STATS = "meta.json", "stats.npz"
 RELEASE_STATS = "latents_stats.pt"  # LightningDiT's ImgLatentDataset cache; VTP ships S / B / L ones
@@ -72,14 +68,17 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise FileNotFoundError(f"no latent statistics ({STATS} or {RELEASE_STATS}) in {path}")
     if not paths.isfile(path):
         raise FileNotFoundError(f"latent statistics {path!r} do not exist")
-    if _is_torch_zip(path):
-        stats = read_torch_file(path)
+    if files.is_torch_zip(path):
+        stats = files.read_torch_file(path)
         if not isinstance(stats, dict) or not {"mean", "std"} <= set(stats):
             raise ValueError(f"{path}: expected a dict with 'mean' and 'std' (LightningDiT's latents_stats.pt), "
                              f"got {type(stats).__name__} {sorted(stats) if isinstance(stats, dict) else ''}")
         mean, std = stats["mean"], stats["std"]
     else:
-        with paths.open_file(path) as f, np.load(f) as s:
+        with files.NpzArchive(path) as s:
+            missing = [k for k in ("mean", "std") if k not in s]
+            if missing:
+                raise ValueError(f"{path}: no {' or '.join(missing)}; latent statistics hold 'mean' and 'std'")
             mean, std = s["mean"], s["std"]
     mean, std = (_per_channel(np.asarray(a), path, k) for a, k in ((mean, "mean"), (std, "std")))
     if mean.shape != std.shape:
@@ -108,112 +107,8 @@ def _per_channel(a: np.ndarray, path: str, name: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
-# torch.save files without torch: the zip layout (<archive>/data.pkl + <archive>/data/<key>).
+# The official latent shards (safetensors, read through `files`).
 # ------------------------------------------------------------------------------------------------
-_TORCH_STORAGES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
-    "UntypedStorage": np.uint8,
-}
-
-
-class _StorageType(NamedTuple):
-    dtype: Any
-
-
-def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    """torch._utils._rebuild_tensor_v2: a strided view of the storage (strides in elements), copied."""
-    del requires_grad, hooks, metadata
-    item = storage.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(storage[offset:], tuple(size), tuple(s * item for s in stride))
-    return np.array(view)
-
-
-def _rebuild_parameter(data, requires_grad=False, hooks=None):
-    del requires_grad, hooks
-    return data
-
-
-class _TorchUnpickler(pickle.Unpickler):
-    """Resolves only the names a file of tensors uses; anything else is refused, so no code runs."""
-
-    _ALLOWED = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-                ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-                ("collections", "OrderedDict"): collections.OrderedDict}
-
-    def __init__(self, file, load_storage):
-        super().__init__(file)
-        self._load_storage = load_storage
-
-    def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return self._ALLOWED[module, name]
-        if module == "torch" and name in _TORCH_STORAGES:
-            return _StorageType(np.dtype(_TORCH_STORAGES[name]))
-        raise pickle.UnpicklingError(f"{module}.{name} is not a tensor, storage or container: refused")
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-        _, kind, key, _location, numel = pid
-        return self._load_storage(str(key), kind.dtype, int(numel))
-
-
-def _is_torch_zip(path: str) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist())
-
-
-def read_torch_file(path: str):
-    """The object a `torch.save` (zip format, torch >= 1.6) file holds, its tensors as NumPy arrays,
-    read without torch: only tensors, parameters, dicts, lists and plain values are accepted."""
-    path = paths.local_copy(path)  # zipfile seeks: a local file
-    if not _is_torch_zip(path):
-        raise ValueError(f"{path}: not a torch.save zip file (legacy torch files: re-save with torch >= 1.6)")
-    with zipfile.ZipFile(path) as z:
-        names = z.namelist()
-        pkl = next(n for n in names if n.endswith("data.pkl"))
-        prefix = pkl[: -len("data.pkl")]
-        order = z.read(prefix + "byteorder").decode().strip() if prefix + "byteorder" in names else "little"
-        storages = {}
-
-        def load_storage(key, dtype, numel):
-            if key not in storages:
-                raw = z.read(f"{prefix}data/{key}")
-                a = np.frombuffer(raw, dtype.newbyteorder("<" if order == "little" else ">"), count=numel)
-                storages[key] = a.astype(dtype)  # native byte order, writable
-            return storages[key]
-
-        return _TorchUnpickler(io.BytesIO(z.read(pkl)), load_storage).load()
-
-
-# ------------------------------------------------------------------------------------------------
-# The official latent shards (safetensors).
-# ------------------------------------------------------------------------------------------------
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "U8": np.uint8}
-
-
-def _safetensors_header(path: str) -> dict:
-    """{name: (dtype, shape, start byte in the file)} of a .safetensors file."""
-    with paths.open_file(path) as f:
-        n = int.from_bytes(f.read(8), "little")
-        if not 0 < n < 100 << 20:
-            raise ValueError(f"{path}: not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        out[name] = (np.dtype(_ST_DTYPES[info["dtype"]]), tuple(info["shape"]), 8 + n + info["data_offsets"][0])
-    return out
-
-
 def official_shard_paths(folder: str) -> list[str]:
     """The safetensors files of an official latent folder, sorted (as ImgLatentDataset reads them)."""
     return sorted(paths.glob(paths.join(folder, "*.safetensors")))
@@ -227,46 +122,49 @@ def is_official(folder: str) -> bool:
 
 class OfficialLatentSource:
     """Random access to the records of official latent shards: {latent, latent_flip (H, W, C) float32
-    NHWC (the files are NCHW), label int32}. Files are memory-mapped when first read, so the source
-    pickles cheaply into grain's workers."""
+    NHWC (the files are NCHW), label int32}. Files are opened by the `safetensors` library (which
+    checks each header against the file's bytes) and read a row at a time; a pickled copy (grain's
+    workers) opens them again."""
 
     def __init__(self, folder: str):
         self.paths = official_shard_paths(folder)
         if not self.paths:
             raise FileNotFoundError(f"no official latent shards (*.safetensors) in {folder}")
-        self._headers, counts = [], []
-        for p in self.paths:
-            h = _safetensors_header(p)
-            missing = [k for k in OFFICIAL_KEYS if k not in h]
+        self._headers, counts, self._files = [], [], {}
+        for f, p in enumerate(self.paths):
+            h = self._open(f)
+            missing = [k for k in OFFICIAL_KEYS if k not in h.keys()]
             if missing:
                 raise ValueError(f"{p}: no {', '.join(missing)}; official latent shards hold {OFFICIAL_KEYS}")
-            (dt, shape, _), (dt_f, shape_f, _), (_, shape_y, _) = (h[k] for k in OFFICIAL_KEYS)
-            if len(shape) != 4 or shape_f != shape or shape_y != shape[:1] or dt_f != dt:
-                raise ValueError(f"{p}: latents {shape} {dt}, latents_flip {shape_f} {dt_f}, labels {shape_y}: "
-                                 "expected (N, C, H, W) twice, same dtype, and (N,)")
-            if self._headers and shape[1:] != self._headers[0]["latents"][1][1:]:
-                raise ValueError(f"{p}: latents of shape {shape[1:]}, {self.paths[0]} has "
-                                 f"{self._headers[0]['latents'][1][1:]}")
-            self._headers.append(h)
+            try:
+                (shape, dt), (shape_f, dt_f), (shape_y, dt_y) = (_shape_dtype(h, k) for k in OFFICIAL_KEYS)
+            except (TypeError, ValueError, AttributeError) as e:  # a dtype NumPy has no type for
+                raise ValueError(f"{p}: cannot read the tensors' dtypes ({e})") from None
+            if (len(shape) != 4 or shape_f != shape or shape_y != shape[:1] or dt_f != dt
+                    or not np.issubdtype(dt_y, np.integer)):
+                raise ValueError(f"{p}: latents {shape} {dt}, latents_flip {shape_f} {dt_f}, labels {shape_y} {dt_y}: "
+                                 "expected (N, C, H, W) twice, same dtype, and (N,) integers")
+            if self._headers and shape[1:] != self._headers[0][1][1:]:
+                raise ValueError(f"{p}: latents of shape {shape[1:]}, {self.paths[0]} has {self._headers[0][1][1:]}")
+            self._headers.append((np.dtype(dt), shape))
             counts.append(shape[0])
-        c, hh, ww = self._headers[0]["latents"][1][1:]
-        self.shape, self.dtype = (hh, ww, c), self._headers[0]["latents"][0]
+        c, hh, ww = self._headers[0][1][1:]
+        self.shape, self.dtype = (hh, ww, c), self._headers[0][0]
         self._starts = np.cumsum([0] + counts)
-        self._maps = {}
 
     def __len__(self) -> int:
         return int(self._starts[-1])
 
     def __getstate__(self):
-        return {**self.__dict__, "_maps": {}}
+        return {**self.__dict__, "_files": {}}
+
+    def _open(self, f: int):
+        if f not in self._files:
+            self._files[f] = files.open_safetensors(self.paths[f])
+        return self._files[f]
 
     def _read(self, f: int, key: str, j: int, count: int = 1) -> np.ndarray:
-        if f not in self._maps:
-            self._maps[f] = np.memmap(paths.local_copy(self.paths[f]), np.uint8, mode="r")  # gs://: a local copy
-        dtype, shape, start = self._headers[f][key]
-        per = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        raw = self._maps[f][start + j * per: start + (j + count) * per]
-        return np.frombuffer(raw, dtype).reshape((count,) + shape[1:])
+        return self._open(f).get_slice(key)[j: j + count]
 
     def __getitem__(self, i: int) -> dict:
         i = int(i)
@@ -281,6 +179,13 @@ class OfficialLatentSource:
     def labels(self) -> np.ndarray:
         counts = np.diff(self._starts)
         return np.concatenate([self._read(f, "labels", 0, int(n)) for f, n in enumerate(counts)]).astype(np.int64)
+
+
+def _shape_dtype(handle, key: str):
+    """(shape, NumPy dtype) of a tensor of an open safetensors file, without reading it."""
+    sl = handle.get_slice(key)
+    shape = tuple(sl.get_shape())
+    return shape, (sl[0:0].dtype if shape else handle.get_tensor(key).dtype)
 
 
 def official_meta(folder: str) -> dict:

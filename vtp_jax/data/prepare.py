@@ -39,6 +39,7 @@ from vtp_jax.data import sources
 
 FORMAT = "vtp-records-v1"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+MAX_MEMBER_BYTES = 64 << 20  # a tar member larger than any image-caption file: skipped, never read into memory
 MANIFEST = "manifest.json"
 _PARTS = ".parts"
 
@@ -71,7 +72,8 @@ def _screen(image: bytes, caption: bytes | str | None, counts: Counter) -> tuple
 def _webdataset_records(tars: Sequence[str], counts: Counter) -> Iterator[bytes]:
     """Samples of img2dataset tars: members grouped by key (the name up to the first dot of the
     base name), in tar order. Keys without an image are counted as skipped/no_image. Each tar is
-    read as a stream, so tars on gs:// are read in place."""
+    read as a stream, so tars on gs:// are read in place; member names never become paths (no
+    extraction) and members over MAX_MEMBER_BYTES are skipped unread."""
     for path in tars:
         groups: dict[str, dict[str, bytes]] = {}
         try:
@@ -82,8 +84,13 @@ def _webdataset_records(tars: Sequence[str], counts: Counter) -> Iterator[bytes]
             continue
         with stream, tar:
             try:
-                for member in tar:
+                for member in tar:  # names only group a sample's files: nothing is written to a path
                     if not member.isfile():
+                        continue
+                    if member.size > MAX_MEMBER_BYTES or member.issparse():  # a gzip bomb, a hole-filled sparse file
+                        counts["skipped/too_large_member"] += 1
+                        if not member.issparse() and not _drained(tar.extractfile(member), member.size):
+                            raise EOFError("the tar ends inside a member")  # tarfile would seek 1e20 bytes on
                         continue
                     folder, base = os.path.split(member.name)
                     if base.startswith("."):
@@ -106,6 +113,17 @@ def _webdataset_records(tars: Sequence[str], counts: Counter) -> Iterator[bytes]
             screened = _screen(image, files.get(".txt"), counts)
             if screened:
                 yield sources.encode_record(screened[0], screened[1], label, f"{os.path.basename(path)}/{key}")
+
+
+def _drained(f, size: int) -> bool:
+    """Reads and drops a member's bytes in 1 MB chunks; False if the stream ends first (a header
+    that claims more than the tar holds, which tarfile's stream skip would loop over block by block)."""
+    while size > 0:
+        chunk = f.read(min(size, 1 << 20))
+        if not chunk:
+            return False
+        size -= len(chunk)
+    return True
 
 
 def _folder_items(root: str, manifest: str | None) -> list[tuple[str, str | None, int]]:

@@ -38,8 +38,11 @@ def decode_record(data: bytes) -> dict:
     if not isinstance(record, dict) or not isinstance(record.get("image"), bytes):
         raise ValueError(f"record without image bytes: {type(record).__name__}")
     caption = record.get("caption", b"")
+    label = record.get("label", NO_LABEL)
+    if isinstance(label, bool) or not isinstance(label, int) or not NO_LABEL <= label < 2 ** 31:
+        raise ValueError(f"record with label {str(label)[:40]}: expected an int32 class, or {NO_LABEL} for none")
     return {"image": record["image"], "caption": caption if isinstance(caption, bytes) else str(caption).encode(),
-            "label": int(record.get("label", NO_LABEL)), "key": str(record.get("key", ""))}
+            "label": label, "key": str(record.get("key", ""))}
 
 
 def encode_image(pixels: np.ndarray, image_format: str = "png") -> bytes:
@@ -92,11 +95,41 @@ def shard_paths(pattern: str | Sequence[str]) -> list[str]:
     return found
 
 
-def array_record_source(pattern: str | Sequence[str]):
+def array_record_source(pattern: str | Sequence[str]) -> "CheckedRecords":
     """grain source over shards written by `prepare` (one record per index, random access)."""
-    import grain
+    return CheckedRecords(shard_paths(pattern))
 
-    return grain.sources.ArrayRecordDataSource(shard_paths(pattern))
+
+class CheckedRecords:
+    """ArrayRecord shards where a record that cannot be read (Riegeli's checksums catch a corrupt
+    chunk) comes back as b"": `decode_record` refuses it, so the pipeline counts it as
+    skipped/bad_record instead of stopping the run. A shard that cannot be opened at all is one
+    ValueError naming it."""
+
+    def __init__(self, files: Sequence[str]):
+        import grain  # lazy: grain is a [train] dependency, sources' other readers need none of it
+
+        try:
+            self.source = grain.sources.ArrayRecordDataSource(list(files))
+        except RuntimeError as e:  # the library does not say which shard: find it
+            for f in files:
+                try:
+                    grain.sources.ArrayRecordDataSource([f])
+                except RuntimeError as one:
+                    raise ValueError(f"{f}: not a readable ArrayRecord file ({one})") from None
+            raise ValueError(f"{list(files)[:3]}...: not readable as ArrayRecord files ({e})") from None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> bytes:
+        try:
+            return self.source[index]
+        except RuntimeError:  # "Corrupted Riegeli/records file: chunk data hash mismatch" and the like
+            return b""
+
+    def __repr__(self):
+        return f"CheckedRecords({self.source!r})"
 
 
 def asset_lines(name: str) -> tuple[str, ...]:

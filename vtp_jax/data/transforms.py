@@ -1,4 +1,5 @@
-"""Image transforms: robust decoding, the CLIP / DINOv2 / reconstruction views and iBOT masks.
+"""Image transforms: the CLIP / DINOv2 / reconstruction views and iBOT masks (decoding, checked,
+is `vtp_jax.images.decode_image`).
 
 Everything random takes an explicit `np.random.Generator`, so a view is a pure function of
 (image, generator state): the pipeline seeds generators from (seed, record position) and a
@@ -7,91 +8,11 @@ RandomResizedCrop; photometric ops use PIL's C kernels (the torchvision PIL back
 """
 from __future__ import annotations
 
-import io
 import math
-import warnings
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
-
-_EXIF_ORIENTATION = 0x0112
-
-# Our own pixel limit (`max_pixels`) replaces PIL's global one, which would otherwise warn (or
-# raise inside Image.open) on sizes we have already decided about.
-warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-
-
-class DecodeError(ValueError):
-    """A record that cannot become a training image; `reason` names the counter it goes to."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB. Transparent pixels are composited on white (their stored colour is
-    often junk, e.g. black); 16/32-bit grey is rescaled rather than clipped at 255."""
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        values = np.asarray(img, np.float64)
-        scale = 257.0 if (img.mode.startswith("I;16") or values.max(initial=0) > 255) else 1.0
-        return Image.fromarray(np.clip(values / scale, 0, 255).astype(np.uint8)).convert("RGB")
-    return img.convert("RGB")
-
-
-def decode_image(data: bytes, *, max_pixels: int, min_side: int, draft_side: int = 0) -> tuple[Image.Image, list[str]]:
-    """Encoded bytes -> an upright RGB PIL image, and the list of conversions applied.
-
-    JPEGs are decoded at a reduced DCT scale when both sides stay >= `draft_side` (0: full size),
-    which is most of the decode cost for large photos. Raises DecodeError naming the reason:
-    empty_image, not_an_image, too_large (w * h > max_pixels, checked from the header before any
-    pixel is decoded, so decompression bombs cost nothing), corrupt_image (truncated / bad data),
-    too_small (a side < min_side after EXIF rotation).
-    """
-    if not data:
-        raise DecodeError("empty_image")
-    # PIL's format plugins raise many exception types on malformed input (OSError, SyntaxError,
-    # struct.error, IndexError, ...); any of them means this record is unusable, never that the
-    # run should stop, hence the broad excepts.
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise DecodeError("too_large", str(e)) from None
-    except Exception as e:
-        raise DecodeError("not_an_image", f"{type(e).__name__}: {e}") from None
-    w, h = img.size
-    if w * h > max_pixels:
-        raise DecodeError("too_large", f"{w}x{h} > max_pixels={max_pixels}")
-    try:
-        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # unreadable EXIF: the pixels may still be fine
-        orientation = 1
-    conversions = []
-    try:
-        if draft_side and img.format == "JPEG":
-            img.draft("RGB", (draft_side, draft_side))
-        img.load()
-        if orientation in range(2, 9):  # 1 is upright; other values are not orientations
-            img = ImageOps.exif_transpose(img)
-            conversions.append("exif_rotated")
-        if img.mode != "RGB":
-            img = _to_rgb(img)
-            conversions.append("mode_converted")
-    except Image.DecompressionBombError as e:
-        raise DecodeError("too_large", str(e)) from None
-    except Exception as e:
-        raise DecodeError("corrupt_image", f"{type(e).__name__}: {e}") from None
-    if min(img.size) < min_side:
-        raise DecodeError("too_small", f"{img.size[0]}x{img.size[1]} has a side < min_side={min_side}")
-    return img, conversions
-
 
 def random_resized_crop_box(rng: np.random.Generator, width: int, height: int, scale: Sequence[float],
                             ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:

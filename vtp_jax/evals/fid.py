@@ -19,7 +19,6 @@ precision / recall (Kynkaanniemi et al. 2019) on the pool features (`precision_r
 from __future__ import annotations
 
 import functools
-import io
 from typing import NamedTuple
 
 import jax
@@ -30,6 +29,7 @@ from absl import logging
 
 from vtp_jax import paths
 from vtp_jax.checkpoints import load_converted
+from vtp_jax.data import files
 from vtp_jax.models import inception as inception_lib
 
 __all__ = ["inception_input", "inception_features", "inception_logits", "spatial_features",
@@ -313,13 +313,7 @@ def load_reference_stats(path: str, dim: int | None = inception_lib.FEATURE_DIM,
     if not paths.isfile(path):
         raise FileNotFoundError(f"FID reference statistics {path!r} do not exist (an ADM reference batch "
                                 "such as VIRTUAL_imagenet256_labeled.npz, or a file written by save_stats)")
-    try:
-        archive = np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False)
-    except Exception as e:  # zipfile, pickle and format errors alike.
-        raise ValueError(f"{path}: not an .npz archive ({type(e).__name__}: {e})") from e
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: a single .npy array, expected an .npz archive with 'mu' and 'sigma'")
-    with archive:
+    with files.NpzArchive(path) as archive:  # checked: no pickle, no header claiming more than the file holds
         missing = [k for k in keys if k not in archive.files]
         if missing:
             raise ValueError(f"{path}: missing {', '.join(missing)}; it has {archive.files}, FID "

@@ -10,7 +10,6 @@ lacks comes from the real images of a split read here (procedural or any dataset
 """
 from __future__ import annotations
 
-import io
 import time
 
 import jax
@@ -23,7 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vtp_jax import images, objectives, paths, sharding
-from vtp_jax.data import eval_splits
+from vtp_jax.data import eval_splits, files
 from vtp_jax.data import latents as latents_lib
 from vtp_jax.evals import evaluator, fid
 from vtp_jax.models.classifier import DomainClassifier
@@ -118,11 +117,11 @@ class GenerationEvaluator:
         e, ref = self.e, {}
         if e.reference_stats:
             ref["mu"], ref["sigma"] = fid.load_reference_stats(e.reference_stats)
-            with np.load(io.BytesIO(paths.read_bytes(e.reference_stats))) as archive:
-                files = set(archive.files)
-                if e.sfid and {"mu_s", "sigma_s"} <= files:
+            with files.NpzArchive(e.reference_stats) as archive:
+                names = set(archive.files)
+                if e.sfid and {"mu_s", "sigma_s"} <= names:
                     ref["mu_s"], ref["sigma_s"] = fid.load_reference_stats(e.reference_stats, spatial=True)
-                if e.precision_recall and "arr_0" in files:  # ADM: features of the batch's own images
+                if e.precision_recall and "arr_0" in names:  # ADM: features of the batch's own images
                     ref["features"] = self._features_of(archive["arr_0"])
         missing = [k for k, on in (("mu", True), ("mu_s", e.sfid), ("features", e.precision_recall))
                    if on and k not in ref]

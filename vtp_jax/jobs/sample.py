@@ -46,6 +46,7 @@ from PIL import Image
 from vtp_jax import config as config_lib
 from vtp_jax import images, paths, sharding
 from vtp_jax.checkpoints import hub, integrity, lightningdit, released
+from vtp_jax.data import files
 from vtp_jax.data import latents as latents_lib
 from vtp_jax.jobs import dit
 from vtp_jax.train import runner
@@ -194,26 +195,26 @@ def _verify_ema(step_dir: str, restored: dict) -> str | None:
 
 
 def read_official_state_dict(path: str) -> dict[str, np.ndarray]:
-    """An official LightningDiT state dict from a .safetensors or .npz file (read here) or a torch
-    checkpoint (.pt and anything else: its `ema`, else `model`, else the file; needs torch)."""
+    """An official LightningDiT state dict from a .safetensors or .npz file or a torch.save
+    checkpoint (.pt and anything else: its `ema`, else `model`, else the file), each read by the
+    checked readers of vtp_jax.data.files (no torch, no pickle code)."""
     name = path.lower()
     if name.endswith(".safetensors"):
-        return released.read_safetensors(paths.local_copy(path))
+        return files.read_safetensors(path, float_dtype=np.float32)
     if name.endswith(".npz"):
-        with np.load(io.BytesIO(paths.read_bytes(path))) as f:
+        with files.NpzArchive(path) as f:
             return {k: f[k] for k in f.files}
-    return lightningdit.read_torch_checkpoint(paths.local_copy(path))
+    return lightningdit.read_torch_checkpoint(path)
 
 
 def dit_config_of(workdir: str) -> ml_collections.ConfigDict:
     """The dit job's config a workdir was trained with: today's schema, the run's values."""
-    saved = paths.read_json(paths.join(workdir, "config.json"))
-    if saved.get("job", "dit") != "dit" or "dit" not in saved:
-        raise runner.ConfigError(f"sample.checkpoint={workdir} is a workdir of job {saved.get('job')!r}, not 'dit'")
-    c = dit.default_config()
-    c.seed = saved.get("seed", c.seed)
-    c.dit.update(saved["dit"])
-    return c
+    path = paths.join(workdir, "config.json")
+    saved = paths.read_json(path)
+    if not isinstance(saved, dict) or saved.get("job", "dit") != "dit" or "dit" not in saved:
+        job = saved.get("job") if isinstance(saved, dict) else None
+        raise runner.ConfigError(f"sample.checkpoint={workdir} is a workdir of job {job!r}, not 'dit'")
+    return config_lib.read_saved(path, dit.default_config(), ("seed", "dit"))
 
 
 def _latents_meta(c: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -391,7 +392,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
 
 
 def _read_part(workdir: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(io.BytesIO(paths.read_bytes(part_path(workdir, k)))) as f:
+    with files.NpzArchive(part_path(workdir, k)) as f:
         return f["images"], f["labels"]
 
 
