@@ -53,7 +53,12 @@ def _in_cluster() -> bool:
 
 def main(argv):
     del argv
-    _maybe_initialize_distributed()
+    if FLAGS.config.get("train", {}).get("compile_for"):
+        # The compile plan needs no accelerator and must not take one (on a TPU VM, host 0 plans on its
+        # CPU; elsewhere JAX would first try libtpu's TPU backend): one process, the CPU.
+        jax.config.update("jax_platforms", "cpu")
+    else:
+        _maybe_initialize_distributed()
     logging.info("process %d of %d, %d devices (%d local)", jax.process_index(), jax.process_count(),
                  jax.device_count(), jax.local_device_count())
     try:
