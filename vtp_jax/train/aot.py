@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 
 import jax
@@ -310,8 +311,10 @@ def predict_accum(k1: int, total1: float, k2: int, total2: float, choices, limit
 
 def smallest_fit(compile_k, choices, limit: float) -> tuple[int | None, dict]:
     """(smallest k of `choices` whose compiled step fits `limit`, {k: record} compiled on the way).
-    At most a few compiles: the smallest k; if it does not fit, the largest; then the k the two
-    predict (`predict_accum`), stepping up until one fits."""
+    A few compiles: the smallest k; if it does not fit, the largest; then the k the two predict
+    (`predict_accum`), stepping up until one fits and down while the next smaller one fits too
+    (memory is not exactly linear in 1 / k: seen on TPU, k = 1 holds far more than its micro-batch
+    share, so the prediction can land above the smallest k that fits)."""
     choices, records = sorted(choices), {}
 
     def fits(k):
@@ -327,10 +330,10 @@ def smallest_fit(compile_k, choices, limit: float) -> tuple[int | None, dict]:
         return None, records
     lo, hi = choices[0], choices[-1]
     guess = predict_accum(lo, records[lo]["memory"]["total"], hi, records[hi]["memory"]["total"], choices, limit) or hi
-    for k in choices[choices.index(guess):]:
-        if fits(k):
-            return k, records
-    return None, records
+    k = next(k for k in choices[choices.index(guess):] if fits(k))  # the largest choice fits: one does
+    while k != lo and choices[choices.index(k) - 1] not in records and fits(choices[choices.index(k) - 1]):
+        k = choices[choices.index(k) - 1]
+    return k, records
 
 
 def search(job_module, config, mesh, limit: float | None) -> tuple[dict | None, list[dict], str]:
@@ -386,7 +389,7 @@ def plan(job_module, config: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
     gen, grid = chip_grid(t.compile_for)
-    report = dict(topology=t.compile_for, grid=f"{gen}:{'x'.join(map(str, grid))}", slices=t.compile_slices,
+    report = dict(command=" ".join(sys.argv), topology=t.compile_for, grid=f"{gen}:{'x'.join(map(str, grid))}", slices=t.compile_slices,
                   chips=len(devices), hosts=hosts, device_kind=kind, job=config.job,
                   mesh=dict(mesh.shape), dcn_mesh=list(t.dcn_mesh), hbm_per_chip=hbm, hbm_margin=t.hbm_margin,
                   limit=limit, peak_flops_per_chip=runner.by_kind(runner.PEAK_FLOPS, kind),
