@@ -2,7 +2,7 @@
 guides, and latent grids other than 16 x 16 (512 px images: 32 x 32).
 
 The references are re-derived here: the official `forward_with_cfg` semantics (LightningDiT's
-models/lightningdit.py, read, not copied) as a torch function around the float64 NumPy forward of
+models/lightningdit.py, read, not copied) as a NumPy function around the float64 NumPy forward of
 tests/test_dit.py, driven by the official sampler's batch doubling and Euler steps on the shifted
 grid; and that NumPy forward generalized to any token grid.
 """
@@ -56,29 +56,28 @@ def official_cfg_sample(sd, noise, y, grid, cfg_scale, cfg_interval_start, cfg_i
     Euler step calling forward_with_cfg, whose semantics are: run the model on the first half
     twice (cond, uncond); guide only channels 0..2 (NCHW), and only if cfg_interval is off or
     t[0] >= cfg_interval_start; the guided channels are written to both halves while every other
-    channel keeps each half's own output; the first half of the final batch is the sample."""
-    torch = pytest.importorskip("torch")
+    channel keeps each half's own output; the first half of the final batch is the sample.
+    Plain NumPy in the official NCHW layout (cat, split and permute as torch does them)."""
 
     def model(x_nchw, t, labels):  # the network, float64 NumPy on NHWC
-        out = np_forward_any_grid(sd, x_nchw.permute(0, 2, 3, 1).numpy(), t.numpy(), labels.numpy())
-        return torch.from_numpy(out).permute(0, 3, 1, 2)
+        return np_forward_any_grid(sd, x_nchw.transpose(0, 2, 3, 1), t, labels).transpose(0, 3, 1, 2)
 
     def forward_with_cfg(x, t, labels):
-        first = x[: x.shape[0] // 2]
-        out = model(torch.cat([first, first]), t, labels)
-        head, tail = out[:, :3], out[:, 3:]
-        c, u = head.chunk(2)
-        mixed = u + cfg_scale * (c - u)
-        if cfg_interval and float(t[0]) < cfg_interval_start:
-            mixed = c
-        return torch.cat([torch.cat([mixed, mixed]), tail], dim=1)
+        half = x[: len(x) // 2]
+        out = model(np.concatenate([half, half]), t, labels)
+        eps, rest = out[:, :3], out[:, 3:]
+        cond, uncond = np.split(eps, 2)
+        half_eps = uncond + cfg_scale * (cond - uncond)
+        if cfg_interval and t[0] < cfg_interval_start:
+            half_eps = cond
+        return np.concatenate([np.concatenate([half_eps, half_eps]), rest], axis=1)
 
-    z = torch.from_numpy(noise.astype(np.float64)).permute(0, 3, 1, 2)
-    x = torch.cat([z, z])
-    labels = torch.cat([torch.as_tensor(y), torch.full((len(y),), NULL)])
+    z = noise.astype(np.float64).transpose(0, 3, 1, 2)
+    x = np.concatenate([z, z])
+    labels = np.concatenate([np.asarray(y), np.full(len(y), NULL)])
     for t0, t1 in zip(grid[:-1], grid[1:]):
-        x = x + (t1 - t0) * forward_with_cfg(x, torch.full((x.shape[0],), float(t0), dtype=torch.float64), labels)
-    return x[: len(y)].permute(0, 2, 3, 1).numpy()
+        x = x + (t1 - t0) * forward_with_cfg(x, np.full(len(x), float(t0)), labels)
+    return x[: len(y)].transpose(0, 2, 3, 1)
 
 
 @pytest.fixture(scope="module")
