@@ -1,6 +1,8 @@
 """Test session set-up: 8 host CPU devices so that mesh tests run on any laptop or CI box."""
 import os
 
+import pytest
+
 # Tests compile many small programs and run each for milliseconds: trade XLA's CPU code quality
 # for compile speed (about 2x faster compiles; numerics unchanged).
 FAST_COMPILE = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -23,3 +25,49 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: one of the few tests that take minutes (deselect with -m 'not slow')")
+
+
+# ------------------------------------------------------------------------------------------------
+# No silent skips: a test that skips for a missing package or file has not passed. The only skips
+# a run accepts are for hardware the machine lacks; their reason must start with one of these.
+# Any other skip (pytest.skip, skipif, importorskip, in a test or at collection) fails the session
+# with one line per test, so `python -m pytest -q tests` in CI exits non-zero.
+# ------------------------------------------------------------------------------------------------
+ALLOWED_SKIPS = (
+    "needs a GPU",  # e.g. pytest.mark.skipif(not gpu_devices(), reason="needs a GPU: ...")
+    "needs a TPU",
+)
+_unexpected_skips = []
+
+
+def _skip_reason(report) -> str:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def _police_skip(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report)
+        if not reason.startswith(ALLOWED_SKIPS):
+            _unexpected_skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_runtest_logreport(report):
+    _police_skip(report)
+
+
+def pytest_collectreport(report):
+    _police_skip(report)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _unexpected_skips and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _unexpected_skips:
+        terminalreporter.section("unexpected skips (allowed: reasons starting with "
+                                 + " / ".join(repr(a) for a in ALLOWED_SKIPS) + ")", red=True)
+        for line in _unexpected_skips:
+            terminalreporter.line(f"UNEXPECTED SKIP {line}", red=True)
