@@ -173,6 +173,82 @@ def test_generation_evaluator_guidance_fields():
     assert e.sfid and e.precision_recall and e.nearest_k == 3
 
 
+def test_evaluator_entries_guide_as_the_cfg_formula_says(tiny_dit, tmp_path):
+    """An entry's cfg_scale / cfg_interval_start / cfg_channels (evaluator.build -> _guided) replace
+    the DiT job's dit.sample (here: unguided) in the generation and class_conditional evaluators.
+    One Euler step from t = 0, so each sample is noise + v with v = uncond + s * (cond - uncond),
+    both velocities from the float64 NumPy forward; the class_conditional run classifies exactly
+    those samples."""
+    from flax import linen as nn
+    from flax import serialization
+
+    from vtp_jax import jobs, sharding
+    from vtp_jax.evals import evaluator
+    from vtp_jax.images import IMAGENET_MEAN, IMAGENET_STD
+    from vtp_jax.jobs.dit import Generator
+    from vtp_jax.models.classifier import DomainClassifier
+
+    sd = official_state_dict()
+    mean, std, mult = np.linspace(-0.2, 0.2, C), np.linspace(0.5, 1.5, C), 0.8
+
+    def want_images(noise, y, scale, channels=None):
+        x, t = noise.astype(np.float64), np.zeros(len(y))
+        cond, uncond = np_forward_any_grid(sd, x, t, y), np_forward_any_grid(sd, x, t, np.full(len(y), NULL))
+        v = uncond + scale * (cond - uncond)
+        if channels is not None:
+            v[..., channels:] = cond[..., channels:]
+        z = (x + v) / mult * std + mean
+        return np.clip(z[..., :3] * IMAGENET_STD + IMAGENET_MEAN, 0, 1)
+
+    sample = jobs.default_config("dit").dit.sample
+    sample.update(num_steps=2, shift=0.0, cfg_scale=1.0, cfg_interval_start=0.0)  # grid [0, 1]; no guidance
+    generator = Generator(tiny_dit.model, sample, jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32), mult,
+                          _PixelsAreLatents(), {})
+    classifier = tmp_path / "classifier.msgpack"
+    net = DomainClassifier(num_classes=16, width=4)
+    classifier.write_bytes(serialization.msgpack_serialize(
+        nn.meta.unbox(net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"])))
+    config = ml_collections.ConfigDict(dict(evals=dict(
+        plain=evaluator.entry("generation"),
+        official=evaluator.entry("generation", cfg_scale=4.0, cfg_channels=3),
+        late=evaluator.entry("generation", cfg_scale=4.0, cfg_interval_start=0.5),  # t = 0 is below: unguided
+        cc=evaluator.entry("class_conditional", classifier_params=str(classifier), cfg_scale=2.5,
+                           samples_per_class=1, batch_size=CLASSES, bootstrap=0),
+    )))
+    evs = evaluator.build(config, generator, sharding.make_mesh((1, 1, 1)))
+    assert evs["plain"].generator is generator  # no guidance field set: the DiT job's dit.sample
+    assert (evs["official"].generator.sample.cfg_scale, evs["official"].generator.sample.cfg_channels) == (4.0, 3)
+    assert generator.sample.cfg_scale == 1.0 and generator.sample.cfg_channels is None  # not changed in place
+
+    noise, y = _case()
+    got = {name: np.asarray(evs[name].generator.images(tiny_dit.params, jnp.asarray(noise), jnp.asarray(y)))
+           for name in evs}
+    want = {"plain": want_images(noise, y, 1.0), "official": want_images(noise, y, 4.0, channels=3),
+            "late": want_images(noise, y, 1.0), "cc": want_images(noise, y, 2.5)}
+    for name in evs:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
+    assert np.abs(got["official"] - got["plain"]).max() > 0.1 and np.abs(got["cc"] - got["plain"]).max() > 0.1
+
+    # The class_conditional run scores the guided samples: its noise (seeded), labels 0..CLASSES-1.
+    seen, rng = [], np.random.default_rng(1)
+
+    def classify(params, images):
+        seen.append(np.asarray(images))
+        return jnp.zeros((len(images), CLASSES)), jnp.asarray(rng.standard_normal((len(images), 8)))
+
+    cc = evs["cc"]
+    cc._classify, cc._real = classify, rng.standard_normal((32, 8))
+    cc.run(tiny_dit.params)
+    labels = np.arange(CLASSES)
+    noise = np.random.default_rng(cc.e.seed).standard_normal((CLASSES, 8, 8, C)).astype(np.float32)
+    quantize = lambda x: np.floor(np.float32(255) * x.astype(np.float32)) / np.float32(255)  # noqa: E731
+    quantized = quantize(want_images(noise, labels, 2.5))
+    assert len(seen) == 1 and np.abs(seen[0] - quantized).max() <= 1.001 / 255  # a floor boundary at most
+    assert np.mean(np.abs(seen[0] - quantized) < 1e-6) > 0.99
+    unguided = quantize(want_images(noise, labels, 1.0))
+    assert np.abs(seen[0] - unguided).max() > 0.1
+
+
 # ------------------------------------------------------------------------------------------
 # Any latent grid: 32 x 32 (512 px images).
 # ------------------------------------------------------------------------------------------
