@@ -170,9 +170,7 @@ def test_prepare_reads_tars_from_and_writes_shards_to_gcs(gcs, tmp_path):
                 add(tar, f"{t}{i:04d}.jpg", image)
                 add(tar, f"{t}{i:04d}.txt", caption.encode())
                 want[key] = (image, caption)
-        add_broken = tarfile.open(local / f"{t:05d}.tar", "a")
-        add(add_broken, f"{t}9999.jpg", b"<html>404</html>")  # skipped: not an image
-        add_broken.close()
+            add(tar, f"{t}9999.jpg", b"<html>404</html>")  # skipped: not an image
     _python(env, cwd, f"from vtp_jax import paths\nimport shutil\n"
                       f"for n in ('00000.tar', '00001.tar'):\n"
                       f"    shutil.copy('{local}/' + n, '{tmp_path}/up')\n"

@@ -164,7 +164,8 @@ def test_two_process_sample_job_stops_on_process_0s_settings(sampled, tmp_path):
 
     codes, logs = _two_processes(flags + ["--config.sample.num_steps=4"], [mine, theirs], tmp_path)
     assert codes[0] == 1 and codes[1] == 1, (codes, logs[0][-3000:] + logs[1][-3000:])
-    said = f"{mine}/parts holds samples made with other settings (%s): sample into another workdir, or delete that folder"
+    said = (f"{mine}/parts holds samples made with other settings (%s): sample into another workdir, or delete "
+            "that folder")
     assert "error: " + said % "num_steps: 3 -> 4" in logs[0], logs[0][-3000:]
     assert "error: " + said.replace(str(mine), str(theirs)) % "see the log of process 0" in logs[1], logs[1][-3000:]
     assert {f: os.stat(mine / f).st_mtime_ns for f in _files(mine)} == before and _files(theirs) == []
