@@ -2,7 +2,7 @@
 guides, and latent grids other than 16 x 16 (512 px images: 32 x 32).
 
 The references are re-derived here: the official `forward_with_cfg` semantics (LightningDiT's
-models/lightningdit.py, read, not copied) as a torch function around the float64 NumPy forward of
+models/lightningdit.py, read, not copied) as a NumPy function around the float64 NumPy forward of
 tests/test_dit.py, driven by the official sampler's batch doubling and Euler steps on the shifted
 grid; and that NumPy forward generalized to any token grid.
 """
@@ -56,29 +56,28 @@ def official_cfg_sample(sd, noise, y, grid, cfg_scale, cfg_interval_start, cfg_i
     Euler step calling forward_with_cfg, whose semantics are: run the model on the first half
     twice (cond, uncond); guide only channels 0..2 (NCHW), and only if cfg_interval is off or
     t[0] >= cfg_interval_start; the guided channels are written to both halves while every other
-    channel keeps each half's own output; the first half of the final batch is the sample."""
-    torch = pytest.importorskip("torch")
+    channel keeps each half's own output; the first half of the final batch is the sample.
+    Plain NumPy in the official NCHW layout (cat, split and permute as torch does them)."""
 
     def model(x_nchw, t, labels):  # the network, float64 NumPy on NHWC
-        out = np_forward_any_grid(sd, x_nchw.permute(0, 2, 3, 1).numpy(), t.numpy(), labels.numpy())
-        return torch.from_numpy(out).permute(0, 3, 1, 2)
+        return np_forward_any_grid(sd, x_nchw.transpose(0, 2, 3, 1), t, labels).transpose(0, 3, 1, 2)
 
     def forward_with_cfg(x, t, labels):
-        first = x[: x.shape[0] // 2]
-        out = model(torch.cat([first, first]), t, labels)
-        head, tail = out[:, :3], out[:, 3:]
-        c, u = head.chunk(2)
-        mixed = u + cfg_scale * (c - u)
-        if cfg_interval and float(t[0]) < cfg_interval_start:
-            mixed = c
-        return torch.cat([torch.cat([mixed, mixed]), tail], dim=1)
+        half = x[: len(x) // 2]
+        out = model(np.concatenate([half, half]), t, labels)
+        eps, rest = out[:, :3], out[:, 3:]
+        cond, uncond = np.split(eps, 2)
+        half_eps = uncond + cfg_scale * (cond - uncond)
+        if cfg_interval and t[0] < cfg_interval_start:
+            half_eps = cond
+        return np.concatenate([np.concatenate([half_eps, half_eps]), rest], axis=1)
 
-    z = torch.from_numpy(noise.astype(np.float64)).permute(0, 3, 1, 2)
-    x = torch.cat([z, z])
-    labels = torch.cat([torch.as_tensor(y), torch.full((len(y),), NULL)])
+    z = noise.astype(np.float64).transpose(0, 3, 1, 2)
+    x = np.concatenate([z, z])
+    labels = np.concatenate([np.asarray(y), np.full(len(y), NULL)])
     for t0, t1 in zip(grid[:-1], grid[1:]):
-        x = x + (t1 - t0) * forward_with_cfg(x, torch.full((x.shape[0],), float(t0), dtype=torch.float64), labels)
-    return x[: len(y)].permute(0, 2, 3, 1).numpy()
+        x = x + (t1 - t0) * forward_with_cfg(x, np.full(len(x), float(t0)), labels)
+    return x[: len(y)].transpose(0, 2, 3, 1)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +171,82 @@ def test_generation_evaluator_guidance_fields():
     e = evaluator.resolved(ml_collections.ConfigDict(dict(type="generation", cfg_channels=3)))
     assert e.cfg_channels == 3 and e.cfg_scale is None and e.cfg_interval_start is None
     assert e.sfid and e.precision_recall and e.nearest_k == 3
+
+
+def test_evaluator_entries_guide_as_the_cfg_formula_says(tiny_dit, tmp_path):
+    """An entry's cfg_scale / cfg_interval_start / cfg_channels (evaluator.build -> _guided) replace
+    the DiT job's dit.sample (here: unguided) in the generation and class_conditional evaluators.
+    One Euler step from t = 0, so each sample is noise + v with v = uncond + s * (cond - uncond),
+    both velocities from the float64 NumPy forward; the class_conditional run classifies exactly
+    those samples."""
+    from flax import linen as nn
+    from flax import serialization
+
+    from vtp_jax import jobs, sharding
+    from vtp_jax.evals import evaluator
+    from vtp_jax.images import IMAGENET_MEAN, IMAGENET_STD
+    from vtp_jax.jobs.dit import Generator
+    from vtp_jax.models.classifier import DomainClassifier
+
+    sd = official_state_dict()
+    mean, std, mult = np.linspace(-0.2, 0.2, C), np.linspace(0.5, 1.5, C), 0.8
+
+    def want_images(noise, y, scale, channels=None):
+        x, t = noise.astype(np.float64), np.zeros(len(y))
+        cond, uncond = np_forward_any_grid(sd, x, t, y), np_forward_any_grid(sd, x, t, np.full(len(y), NULL))
+        v = uncond + scale * (cond - uncond)
+        if channels is not None:
+            v[..., channels:] = cond[..., channels:]
+        z = (x + v) / mult * std + mean
+        return np.clip(z[..., :3] * IMAGENET_STD + IMAGENET_MEAN, 0, 1)
+
+    sample = jobs.default_config("dit").dit.sample
+    sample.update(num_steps=2, shift=0.0, cfg_scale=1.0, cfg_interval_start=0.0)  # grid [0, 1]; no guidance
+    generator = Generator(tiny_dit.model, sample, jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32), mult,
+                          _PixelsAreLatents(), {})
+    classifier = tmp_path / "classifier.msgpack"
+    net = DomainClassifier(num_classes=16, width=4)
+    classifier.write_bytes(serialization.msgpack_serialize(
+        nn.meta.unbox(net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"])))
+    config = ml_collections.ConfigDict(dict(evals=dict(
+        plain=evaluator.entry("generation"),
+        official=evaluator.entry("generation", cfg_scale=4.0, cfg_channels=3),
+        late=evaluator.entry("generation", cfg_scale=4.0, cfg_interval_start=0.5),  # t = 0 is below: unguided
+        cc=evaluator.entry("class_conditional", classifier_params=str(classifier), cfg_scale=2.5,
+                           samples_per_class=1, batch_size=CLASSES, bootstrap=0),
+    )))
+    evs = evaluator.build(config, generator, sharding.make_mesh((1, 1, 1)))
+    assert evs["plain"].generator is generator  # no guidance field set: the DiT job's dit.sample
+    assert (evs["official"].generator.sample.cfg_scale, evs["official"].generator.sample.cfg_channels) == (4.0, 3)
+    assert generator.sample.cfg_scale == 1.0 and generator.sample.cfg_channels is None  # not changed in place
+
+    noise, y = _case()
+    got = {name: np.asarray(evs[name].generator.images(tiny_dit.params, jnp.asarray(noise), jnp.asarray(y)))
+           for name in evs}
+    want = {"plain": want_images(noise, y, 1.0), "official": want_images(noise, y, 4.0, channels=3),
+            "late": want_images(noise, y, 1.0), "cc": want_images(noise, y, 2.5)}
+    for name in evs:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
+    assert np.abs(got["official"] - got["plain"]).max() > 0.1 and np.abs(got["cc"] - got["plain"]).max() > 0.1
+
+    # The class_conditional run scores the guided samples: its noise (seeded), labels 0..CLASSES-1.
+    seen, rng = [], np.random.default_rng(1)
+
+    def classify(params, images):
+        seen.append(np.asarray(images))
+        return jnp.zeros((len(images), CLASSES)), jnp.asarray(rng.standard_normal((len(images), 8)))
+
+    cc = evs["cc"]
+    cc._classify, cc._real = classify, rng.standard_normal((32, 8))
+    cc.run(tiny_dit.params)
+    labels = np.arange(CLASSES)
+    noise = np.random.default_rng(cc.e.seed).standard_normal((CLASSES, 8, 8, C)).astype(np.float32)
+    quantize = lambda x: np.floor(np.float32(255) * x.astype(np.float32)) / np.float32(255)  # noqa: E731
+    quantized = quantize(want_images(noise, labels, 2.5))
+    assert len(seen) == 1 and np.abs(seen[0] - quantized).max() <= 1.001 / 255  # a floor boundary at most
+    assert np.mean(np.abs(seen[0] - quantized) < 1e-6) > 0.99
+    unguided = quantize(want_images(noise, labels, 1.0))
+    assert np.abs(seen[0] - unguided).max() > 0.1
 
 
 # ------------------------------------------------------------------------------------------

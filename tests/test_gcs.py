@@ -1,14 +1,16 @@
 """Every path on gs://, offline: a local GCS emulator (gcp-storage-emulator on 127.0.0.1) serves
 the bucket, reached through etils.epath / gcsfs (STORAGE_EMULATOR_HOST) and by orbax's TensorStore
 (TENSORSTORE_GCS_HTTP_URL). The main job runs with a gs:// workdir, is killed with -9 and resumed,
-exports, and the eval job scores the gs:// export into another gs:// workdir; everything lands in
-the bucket and nothing under the local working directory."""
+exports, and the eval job scores the gs:// export into another gs:// workdir; `prepare` turns tars
+in the bucket into shards in the bucket; everything lands in the bucket and nothing under the
+local working directory."""
 import importlib.util
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -141,3 +143,60 @@ def _listing_or_none(listing, prefix) -> list[str]:
         return listing(prefix)
     except AssertionError:  # not there yet
         return []
+
+
+def _python(env, cwd, code):
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def test_prepare_reads_tars_from_and_writes_shards_to_gcs(gcs, tmp_path):
+    """`python -m vtp_jax.data.prepare webdataset` with gs:// input tars and a gs:// output: the
+    tars are streamed from the bucket, whole shards, their sidecars and the manifest land in it,
+    and a second run finds them up to date there."""
+    from test_data_prepare import add, image_bytes, read_shards
+
+    env, listing = gcs
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    local = tmp_path / "tars"
+    local.mkdir()
+    want = {}
+    for t in range(2):
+        with tarfile.open(local / f"{t:05d}.tar", "w") as tar:
+            for i in range(3):
+                key, image, caption = f"{t:05d}.tar/{t}{i:04d}", image_bytes(10 * t + i), f"caption {t} {i}"
+                add(tar, f"{t}{i:04d}.jpg", image)
+                add(tar, f"{t}{i:04d}.txt", caption.encode())
+                want[key] = (image, caption)
+            add(tar, f"{t}9999.jpg", b"<html>404</html>")  # skipped: not an image
+    _python(env, cwd, f"from vtp_jax import paths\nimport shutil\n"
+                      f"for n in ('00000.tar', '00001.tar'):\n"
+                      f"    shutil.copy('{local}/' + n, '{tmp_path}/up')\n"
+                      f"    paths.upload('{tmp_path}/up', 'gs://{BUCKET}/tars/' + n)\n")
+    assert listing("tars") == ["00000.tar", "00001.tar"]
+
+    cmd = [sys.executable, "-m", "vtp_jax.data.prepare", "webdataset", "--input", f"gs://{BUCKET}/tars/*.tar",
+           "--output", f"gs://{BUCKET}/shards", "--num_shards", "2", "--workers", "1"]
+    first = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert f"wrote 6 records in 2 shards to gs://{BUCKET}/shards; skipped: not_an_image: 2" in first.stderr
+    shards = ["records-00000-of-00002.array_record", "records-00001-of-00002.array_record"]
+    assert listing("shards") == [".parts/" + s + ".json" for s in shards] + ["manifest.json"] + shards
+
+    down = tmp_path / "down"
+    down.mkdir()
+    _python(env, cwd, f"from vtp_jax import paths\n"
+                      f"for n in {['manifest.json'] + shards!r}:\n"
+                      f"    open('{down}/' + n, 'wb').write(paths.read_bytes('gs://{BUCKET}/shards/' + n))\n")
+    manifest, records = read_shards(str(down))
+    assert manifest["records"] == 6 and manifest["skipped"] == {"not_an_image": 2}
+    assert [s["bytes"] for s in manifest["shards"]] == [os.path.getsize(down / s) for s in shards]
+    assert [i[0] for i in manifest["inputs"]] == [f"gs://{BUCKET}/tars/00000.tar", f"gs://{BUCKET}/tars/00001.tar"]
+    assert {r["key"]: (r["image"], r["caption"].decode()) for r in records} == want
+
+    again = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"prepare: gs://{BUCKET}/shards is up to date (6 records)" in again.stderr, again.stderr[-2000:]
+    assert os.listdir(cwd) == [], f"written locally: {os.listdir(cwd)}"

@@ -4,6 +4,10 @@ The LPIPS reference below is written from the paper and torchvision's VGG16 layo
 (float64, im2col convs), with random weights in the torch layout, so that the Flax network and
 the converter's key / layout mapping are both checked against something independent.
 """
+import os
+import sys
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -203,15 +207,43 @@ def test_load_lpips_params_round_trip_and_errors(weights, tmp_path):
         objectives.load_lpips_params(str(partial))
 
 
-def test_cli_converts_torch_files(tmp_path, capsys):
-    torch = pytest.importorskip("torch")
+class _Tensor:
+    """What read_torch_state_dict uses of a torch tensor."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def detach(self):
+        return self
+
+    def float(self):
+        return _Tensor(self.a.astype(np.float32))
+
+    def numpy(self):
+        return self.a
+
+
+def test_cli_converts_torch_files(tmp_path, capsys, monkeypatch):
+    """The CLI end to end without torch: torch.load (torch's own reader, the [torch] extra) is a
+    stand-in module returning the state dicts the test wrote; everything after it is ours."""
+    calls = []
+
+    def load(path, map_location=None, weights_only=False):
+        calls.append((os.path.basename(path), map_location, weights_only))
+        with np.load(path) as f:
+            return {k: _Tensor(f[k]) for k in f.files}
+
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(load=load))
     vgg, lin = _torch_layout_weights(seed=6)
-    torch.save({k: torch.from_numpy(v) for k, v in vgg.items()}, tmp_path / "vgg16.pth")
-    torch.save({k: torch.from_numpy(v) for k, v in lin.items()}, tmp_path / "vgg.pth")
+    for name, sd in (("vgg16.pth", vgg), ("vgg.pth", lin)):
+        with open(tmp_path / name, "wb") as f:
+            np.savez(f, **{k: v.astype(np.float16) if k.startswith("lin0") else v for k, v in sd.items()})
     out = tmp_path / "lpips.msgpack"
     assert torch_convert.main(["lpips", "--vgg", str(tmp_path / "vgg16.pth"),
                                "--lin", str(tmp_path / "vgg.pth"), "--out", str(out)]) == 0
+    assert calls == [("vgg16.pth", "cpu", True), ("vgg.pth", "cpu", True)]  # weights only: no code in the file runs
     loaded = objectives.load_lpips_params(str(out))
+    lin["lin0.model.1.weight"] = lin["lin0.model.1.weight"].astype(np.float16).astype(np.float32)
     jax.tree.map(np.testing.assert_array_equal, loaded, torch_convert.lpips_params_from_state_dicts(vgg, lin))
     with pytest.raises(SystemExit) as e:
         torch_convert.main(["lpips", "--vgg", str(tmp_path / "absent.pth"), "--lin", str(tmp_path / "vgg.pth"),

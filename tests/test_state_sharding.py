@@ -3,15 +3,15 @@
 parameter, counters and rngs are replicated, and FSDP really splits the big leaves (8 CPU devices).
 """
 import json
-import os
 
 import jax
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 import tiny
 from vtp_jax import jobs, sharding
+from vtp_jax.checkpoints import tokenizers
+from vtp_jax.train import runner
 
 SIZE = 16
 MESH = (1, 8, 1)  # FSDP over 8 devices: parameters with an 'embed' axis of 32 are split
@@ -26,41 +26,41 @@ def _names(path):
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def _check(shardings, params_field: str, followers: list[str]):
-    """Every leaf of the state's `followers` whose path ends with a parameter's path and has its
-    shape is sharded as that parameter; every other leaf is replicated."""
-    state_leaves = jax.tree_util.tree_flatten_with_path(shardings)[0]
-    params = {(_names(p)[1:]): s for p, s in state_leaves if _names(p)[0] == params_field}
-    assert any(s.spec != P() and "fsdp" in str(s.spec) for s in params.values()), "FSDP shards no parameter"
+def _check(trainer, params_field: str, followers: list[str]):
+    """Every leaf of the state's `followers` whose path ends with a parameter's path is a copy of
+    that parameter: the same shape, sharded as it, so each device holds the same slice shape of
+    both; every other leaf is replicated. FSDP really splits some parameter."""
+    abstract = jax.tree_util.tree_flatten_with_path(jax.eval_shape(trainer.init, jax.random.key(0)))[0]
+    state_leaves = jax.tree_util.tree_flatten_with_path(trainer.shardings)[0]
+    assert [_names(p) for p, _ in abstract] == [_names(p) for p, _ in state_leaves]
+    shapes = {_names(p): leaf.shape for p, leaf in abstract}
+    params = {_names(p)[1:]: (s, shapes[_names(p)]) for p, s in state_leaves if _names(p)[0] == params_field}
+    assert any(s.shard_shape(shape) != shape for s, shape in params.values()), "FSDP shards no parameter"
     matched = 0
     for path, s in state_leaves:
         names = _names(path)
         if names[0] not in followers:
             continue
         owner = next((names[i:] for i in range(len(names)) if names[i:] in params), None)
+        where = "/".join(names)
         if owner is not None:
-            assert s == params[owner], f"{'/'.join(names)}: {s.spec}, its parameter has {params[owner].spec}"
+            p_sharding, p_shape = params[owner]
+            assert shapes[names] == p_shape, f"{where}: shape {shapes[names]}, its parameter's {p_shape}"
+            assert s == p_sharding, f"{where}: {s.spec}, its parameter has {p_sharding.spec}"
+            assert s.shard_shape(shapes[names]) == p_sharding.shard_shape(p_shape), where
             matched += 1
         else:
-            assert s.is_fully_replicated, f"{'/'.join(names)} is no parameter copy but is sharded {s.spec}"
+            assert s.is_fully_replicated, f"{where} is no parameter copy but is sharded {s.spec}"
+            assert s.shard_shape(shapes[names]) == shapes[names], where
     assert not followers or matched >= len(params), f"only {matched} follower leaves for {len(params)} parameters"
     return matched
-
-
-def _shapes_agree(trainer):
-    """The same leaves in the abstract state: a follower has its parameter's shape (so the layout
-    can be the parameter's), checked on the unboxed state the runner initialises."""
-    abstract = jax.eval_shape(trainer.init, jax.random.key(0))
-    for leaf, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(trainer.shardings)):
-        assert len(s.spec) <= leaf.ndim
 
 
 def test_pretrain_moments_and_teacher_follow_their_parameters():
     c = tiny.get_config()
     c.train.mesh = MESH
     tr = jobs.build(c, sharding.make_mesh(MESH))
-    _shapes_agree(tr)
-    n = _check(tr.shardings, "params", ["opt_state", "teacher_params", "dino_center", "ibot_center", "step", "rng"])
+    n = _check(tr, "params", ["opt_state", "teacher_params", "dino_center", "ibot_center", "step", "rng"])
     assert n >= 2 * len(jax.tree.leaves(tr.shardings.params))  # mu and nu of every parameter
 
 
@@ -71,8 +71,7 @@ def test_stage2_decoder_moments_follow_the_decoder(tokenizer):
     c.stage2.update(disc_ndf=32, disc_layers=1)
     c.evals = {}
     tr = jobs.build(c, sharding.make_mesh(MESH))
-    _shapes_agree(tr)
-    _check(tr.shardings, "decoder", ["opt_state"])
+    _check(tr, "decoder", ["opt_state"])
 
 
 def test_dit_moments_and_ema_follow_their_parameters(tokenizer, tmp_path):
@@ -86,8 +85,7 @@ def test_dit_moments_and_ema_follow_their_parameters(tokenizer, tmp_path):
     c.train.mesh = MESH
     c.evals = {}
     tr = jobs.build(c, sharding.make_mesh(MESH))
-    _shapes_agree(tr)
-    n = _check(tr.shardings, "params", ["opt_state", "ema_params", "step", "rng"])
+    n = _check(tr, "params", ["opt_state", "ema_params", "step", "rng"])
     assert n >= 3 * len(jax.tree.leaves(tr.shardings.params))  # EMA, mu and nu
 
 
@@ -96,13 +94,22 @@ def test_eval_params_are_laid_out_by_name(tokenizer):
     c.eval.checkpoint, c.train.mesh = tokenizer, MESH
     c.evals = {"reconstruction": c.evals.reconstruction}
     tr = jobs.build(c, sharding.make_mesh(MESH))
-    _check(tr.shardings, "params", [])
-    assert os.path.isdir(tokenizer)
+    _check(tr, "params", [])
+    # The eval job's state holds the tokenizer's weights, each placed as its parameter's name says.
+    _, want = tokenizers.load_tokenizer(tokenizer)
+    with runner.scope(tr):
+        state = tr.job.start(tr.init(jax.random.key(0)))
+    jax.tree.map(_assert_placed, state.params, tr.shardings.params)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), want)
+
+
+def _assert_placed(array, s):
+    assert array.sharding == s, (array.sharding, s)
+    assert {shard.data.shape for shard in array.addressable_shards} == {s.shard_shape(array.shape)}
 
 
 def test_mesh_follows_the_devices_and_misfits_are_one_config_error():
     from vtp_jax.config import ConfigError
-    from vtp_jax.train import runner
 
     c = tiny.get_config()
     c.train.mesh = (-1, 4, 1)
