@@ -149,8 +149,10 @@ def test_accum_steps_must_divide_every_batch_per_shard():
             "data.batch_clip=32 (4 per shard), data.batch_ssl=32 (4 per shard), data.batch_rec=16 (2 per shard)"
             in str(e.value))
     jobs.validate(c, n_batch_shards=4)  # 8 / 4 per shard
-    c.train.accum_steps = 0
-    with pytest.raises(runner.ConfigError, match="train.accum_steps=0: expected an integer >= 1"):
+    c.train.accum_steps = 0  # auto: no divisibility to check until the compile plan picks k
+    jobs.validate(c, n_batch_shards=8)
+    c.train.accum_steps = -1
+    with pytest.raises(runner.ConfigError, match=r"train.accum_steps=-1: expected an integer >= 1, or 0 \(auto"):
         jobs.validate(c, n_batch_shards=1)
 
 

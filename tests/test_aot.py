@@ -184,26 +184,34 @@ def test_two_slices_with_a_dcn_mesh_through_the_plan(tmp_path):
     assert saved["chosen"]["memory"]["total"] == report["chosen"]["memory"]["total"] > 0
 
 
-def test_accum_steps_auto_picks_the_k_two_compiled_sizes_predict(tiny_on_v5e, tmp_path):
+def autoencoder_config(**train):
+    """The tiny config as a plain autoencoder at 128 px and a batch of 1024 (256 per shard on 4
+    chips): its activations dominate the step's memory, so memory follows 1 / accum_steps."""
+    c = tiny_config(**train)
+    c.objectives.l_clip = c.objectives.l_ssl = 0.0
+    c.data.image_size = c.data.procedural_size = 128
+    c.data.batch_clip = c.data.batch_ssl = c.data.batch_rec = 1024
+    return c
+
+
+def test_accum_steps_auto_picks_the_k_two_compiled_sizes_predict(v5e_4, tmp_path):
     """With the usable memory set between the sizes predicted for k = 2 and k = 4 (from the
-    compiled k = 1 and k = 8), accum_steps = 0 compiles k = 1, 8, the predicted 4 and, to see that
-    nothing smaller fits, 2; it keeps the smallest that fits."""
-    c, k1 = tiny_on_v5e
-    mesh = runner.make_mesh(c, aot.topology_devices("v5e-4"))
-    k8 = aot.compile_step(jobs.get("pretrain"), tiny_config(accum_steps=8), mesh)
-    t1, t8 = k1["memory"]["total"], k8["memory"]["total"]
-    assert t8 < t1  # the micro-batch's activations shrink
-    b = (t1 - t8) / (1 - 1 / 8)
-    t2, t4 = t8 + b * (1 / 2 - 1 / 8), t8 + b * (1 / 4 - 1 / 8)
+    compiled k = 1 and k = 256), accum_steps = 0 compiles k = 1, 256, the predicted 4 and, to see
+    that nothing smaller fits, 2: k = 4, the smallest that fits."""
+    mesh = runner.make_mesh(autoencoder_config(), v5e_4)
+    t1, t256 = (aot.compile_step(jobs.get("pretrain"), autoencoder_config(accum_steps=k), mesh)["memory"]["total"]
+                for k in (1, 256))
+    b = (t1 - t256) / (1 - 1 / 256)
+    t2, t4 = t256 + b * (1 / 2 - 1 / 256), t256 + b * (1 / 4 - 1 / 256)
     limit = (t2 + t4) / 2
-    assert aot.predict_accum(1, t1, 8, t8, (1, 2, 4, 8), limit) == 4
-    report = jobs.run(tiny_config(accum_steps=0, compile_for="v5e-4", hbm_margin=1 - limit / (16 * GiB)),
+    choices = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    assert aot.predict_accum(1, t1, 256, t256, choices, limit) == 4
+    report = jobs.run(autoencoder_config(accum_steps=0, compile_for="v5e-4", hbm_margin=1 - limit / (16 * GiB)),
                       str(tmp_path))
     tried = {r["accum_steps"]: r["memory"]["total"] for r in report["tried"]}
-    assert set(tried) == {1, 2, 4, 8}
-    fitting = [k for k, total in tried.items() if total <= report["limit"]]
-    assert report["fits"] and report["chosen"]["accum_steps"] == min(fitting) and 4 in fitting
-    assert f"accum_steps={min(fitting)}" in report["why"]
+    assert set(tried) == {1, 2, 4, 256} and report["chosen"]["accum_steps"] == 4
+    assert tried[4] <= report["limit"] < tried[2]
+    assert "accum_steps=4: the smallest of [1, 2, 4, 8, 16, 32, 64, 128, 256] whose step fits" in report["why"]
 
 
 def test_a_step_too_big_for_a_v5e_chip_exits_non_zero_with_what_it_needs(tmp_path):
@@ -227,8 +235,9 @@ def test_a_step_too_big_for_a_v5e_chip_exits_non_zero_with_what_it_needs(tmp_pat
 def test_a_launch_resolves_auto_fields_on_its_own_devices(tmp_path):
     """On the CPU (no memory limit known) accum_steps = 0 resolves to the smallest k and remat
     'auto' to the policy with the fewest FLOPs: no recomputation."""
-    c = tiny.get_config()
-    c.train.update(accum_steps=0, mesh=(1, 1, 1))
+    c = autoencoder_config(accum_steps=0, mesh=(1, 1, 1))
+    c.data.image_size = c.data.procedural_size = 16
+    c.data.batch_clip = c.data.batch_ssl = c.data.batch_rec = 8
     c.model.remat = "auto"
     assert config_lib.auto_fields(c) == ["train.accum_steps", "model.remat"]
     resolved = aot.resolve(jobs.get("pretrain"), c)

@@ -134,7 +134,7 @@ def test_setup_declares_the_extras_the_readme_uses():
     extras = setup["extras_require"]
     readme = open(os.path.join(ROOT, "README.md")).read()
     used = set(re.findall(r'pip install -e "\.\[(\w+)\]"', readme)) | set(re.findall(r"`\[(\w+)\]`", readme))
-    assert used == {"train", "hub", "torch", "test"}, used
+    assert used == {"train", "hub", "torch", "test", "tpu", "cuda"}, used
     assert used <= set(extras) and extras["eval"] == extras["train"]
     assert names(setup["install_requires"]) & TRAINING_DISTRIBUTIONS == set()  # the core stays lean
     assert {"tensorflow-datasets", "grain", "orbax-checkpoint", "optax", "clu", "diffrax", "gcsfs"} <= names(

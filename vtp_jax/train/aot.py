@@ -349,9 +349,7 @@ def search(job_module, config, mesh, limit: float | None) -> tuple[dict | None, 
         if first is None:
             return None, [], f"job {config.job!r} has no train step: nothing to compile"
         choices = first["accum_choices"] if k_auto else [base.train.accum_steps]
-        k, records = smallest_fit(
-            lambda k: first if k == base.train.accum_steps else compile_step(job_module, _with(base, accum_steps=k),
-                                                                             mesh), choices, inf)
+        k, records = smallest_fit(lambda k: compile_step(job_module, _with(base, accum_steps=k), mesh), choices, inf)
         tried += sorted(records.values(), key=lambda r: r["accum_steps"])
         if k is not None:
             fitting[remat] = records[k]
