@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 
@@ -132,12 +133,16 @@ def memory_limit(device) -> float | None:
 # One compiled step.
 # ------------------------------------------------------------------------------------------------
 _RECORDS: dict = {}  # (config, devices, mesh) -> record: a program is compiled once per process
+_PLAN_FIELDS = ("compile_for", "compile_slices", "hbm_margin")  # where and how to plan: not the step
 
 
 def compile_step(job_module, config: ml_collections.ConfigDict, mesh) -> dict | None:
     """Builds the job from shapes on `mesh` and compiles its step; its memory, FLOPs and
     collectives per device, or None for a job without a train step."""
-    key = (config.to_json_best_effort(sort_keys=True), tuple(d.id for d in mesh.devices.flat), mesh.devices.shape,
+    fields = json.loads(config.to_json_best_effort())
+    for name in _PLAN_FIELDS:
+        fields.get("train", {}).pop(name, None)
+    key = (json.dumps(fields, sort_keys=True), tuple(d.id for d in mesh.devices.flat), mesh.devices.shape,
            mesh.devices.flat[0].device_kind)
     if key not in _RECORDS:
         _RECORDS[key] = _compile_step(job_module, config, mesh)
@@ -368,6 +373,14 @@ def search(job_module, config, mesh, limit: float | None) -> tuple[dict | None, 
 # ------------------------------------------------------------------------------------------------
 # The plan (compile_for) and a real launch's choice (resolve).
 # ------------------------------------------------------------------------------------------------
+def _command() -> str:
+    """The command line as users type it (`python -m vtp_jax.main ...`), quoted to paste."""
+    argv = sys.argv
+    if argv and argv[0].endswith(os.path.join("vtp_jax", "main.py")):
+        return "python -m vtp_jax.main " + shlex.join(argv[1:])
+    return shlex.join(argv)
+
+
 def plan(job_module, config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Compiles the job for train.compile_for; writes W/compiled.json, prints the table; raises
     DoesNotFit (one line) when no step fits."""
@@ -387,7 +400,7 @@ def plan(job_module, config: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
     gen, grid = chip_grid(t.compile_for)
-    report = dict(command=" ".join(sys.argv), topology=t.compile_for, grid=f"{gen}:{'x'.join(map(str, grid))}", slices=t.compile_slices,
+    report = dict(command=_command(), topology=t.compile_for, grid=f"{gen}:{'x'.join(map(str, grid))}", slices=t.compile_slices,
                   chips=len(devices), hosts=hosts, device_kind=kind, job=config.job,
                   mesh=dict(mesh.shape), dcn_mesh=list(t.dcn_mesh), hbm_per_chip=hbm, hbm_margin=t.hbm_margin,
                   limit=limit, peak_flops_per_chip=runner.by_kind(runner.PEAK_FLOPS, kind),
