@@ -92,6 +92,7 @@ def get_config(arg: str = ""):
     elif arg == "full":  # the paper's four-way ablation on the default recipe, three seeds (~5 CPU-hours)
         s.variants = ("ae", "clip_ae", "ssl_ae", "vtp")
         s.seeds = (0, 1, 2)
+        dit.train.checkpoint_every = 500  # it spans sessions: a stop loses at most 500 DiT steps
     elif arg == "large":  # an accelerator's budget: all four objectives, three budgets, three seeds
         tok.train.update(steps=2_500, log_every=100)
         tok.data.update(batch_clip=256, batch_ssl=64, batch_rec=64)
