@@ -107,6 +107,22 @@ def test_sample_grid_label_outside_the_classes_is_one_error_before_training(toke
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_batch_one_per_chip_validates_on_a_64_chip_16_host_slice():
+    """A v6e-64 has 64 batch shards over 16 processes: a global batch of 64 is one image per chip
+    and four per host, which extraction takes (the shards span the processes; it once asked for a
+    multiple of 64 x 16). 48 is not a multiple of the 64 shards: one line names it."""
+    c = tiny.load_config("dit_xl_vtp_l")
+    c.latents.tokenizer = "MiniMaxAI/VTP-Large-f16d64"
+    c.latents.data.update(source="tfds", tfds_name="imagenet2012", image_size=256)
+    assert c.latents.data.batch_size == 64 and not c.dit.latents
+    jobs.validate(c, n_batch_shards=64, n_processes=16)
+    c.latents.data.batch_size = 48
+    with pytest.raises(runner.ConfigError) as e:
+        jobs.validate(c, n_batch_shards=64, n_processes=16)
+    assert str(e.value).splitlines()[1:] == [
+        "  latents.data.batch_size=48 is not divisible by the 64 batch shards and 16 processes"]
+
+
 def test_dit_xl_recipe_compiles_on_8_devices(tmp_path):
     """The release's XL/1 recipe (28 x 1152, scanned blocks) compiles on 8 fake CPU devices at a
     small batch with the step sharded by the logical axis names (compile only)."""

@@ -50,7 +50,7 @@ def validate(config: ml_collections.ConfigDict, n_batch_shards: int, n_processes
     d = c.data
     if d.source == "procedural" and not d.num_train_images:
         errs.append("latents.data.num_train_images=0: the procedural set is unbounded, give a number")
-    if d.batch_size % (n_batch_shards * n_processes):
+    if d.batch_size % n_batch_shards or d.batch_size % n_processes:  # shards span the processes
         errs.append(f"latents.data.batch_size={d.batch_size} is not divisible by the {n_batch_shards} batch shards "
                     f"and {n_processes} processes")
     return errs
