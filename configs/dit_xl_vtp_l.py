@@ -9,6 +9,8 @@ XL/1 (28 x 1152, 16 heads, SwiGLU, RMSNorm, RoPE) on 16 x 16 x 64 latents, recti
 velocity target, MSE + cosine loss, logit-normal t (mu -0.75, sigma 1 for VTP-L), AdamW 2e-4
 (0.9, 0.95), no weight decay, no schedule, no clipping, EMA 0.9999, global batch 1024, 100k steps
 (~80 epochs), bf16 compute; FID-50k with 250-point Euler and time shift 0.075, labels uniform.
+On a v6e-64 the TPU compile plan (`--config.train.compile_for=v6e-64`) fits the step at
+accum_steps 1, only just: 27.74 GiB per chip of 28.80 usable (docs/cluster.md, step 1).
 """
 from vtp_jax import jobs
 from vtp_jax.evals import evaluator

@@ -195,23 +195,24 @@ def autoencoder_config(**train):
 
 
 def test_accum_steps_auto_picks_the_k_two_compiled_sizes_predict(v5e_4, tmp_path):
-    """With the usable memory set between the sizes predicted for k = 2 and k = 4 (from the
-    compiled k = 1 and k = 256), accum_steps = 0 compiles k = 1, 256, the predicted 4 and, to see
-    that nothing smaller fits, 2: k = 4, the smallest that fits."""
+    """With the usable memory set between the compiled k = 1 size and the k = 2 size predicted
+    from k = 1 and k = 256, accum_steps = 0 compiles k = 1, 256 and the predicted 2, which fits:
+    three programs, and k = 2, the smallest that fits (the step-down search on known sizes is
+    test_accum_steps_prediction_and_search_on_known_sizes)."""
     mesh = runner.make_mesh(autoencoder_config(), v5e_4)
     t1, t256 = (aot.compile_step(jobs.get("pretrain"), autoencoder_config(accum_steps=k), mesh)["memory"]["total"]
                 for k in (1, 256))
-    b = (t1 - t256) / (1 - 1 / 256)
-    t2, t4 = t256 + b * (1 / 2 - 1 / 256), t256 + b * (1 / 4 - 1 / 256)
-    limit = (t2 + t4) / 2
+    t2 = t256 + (t1 - t256) / (1 - 1 / 256) * (1 / 2 - 1 / 256)
+    limit = (t1 + t2) / 2
     choices = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    assert aot.predict_accum(1, t1, 256, t256, choices, limit) == 4
+    assert aot.predict_accum(1, t1, 256, t256, choices, limit) == 2
+    assert aot.predict_accum(1, t1, 256, t256, choices, t2 * 0.99) == 4  # the prediction follows the limit
     report = jobs.run(autoencoder_config(accum_steps=0, compile_for="v5e-4", hbm_margin=1 - limit / (16 * GiB)),
                       str(tmp_path))
     tried = {r["accum_steps"]: r["memory"]["total"] for r in report["tried"]}
-    assert set(tried) == {1, 2, 4, 256} and report["chosen"]["accum_steps"] == 4
-    assert tried[4] <= report["limit"] < tried[2]
-    assert "accum_steps=4: the smallest of [1, 2, 4, 8, 16, 32, 64, 128, 256] whose step fits" in report["why"]
+    assert set(tried) == {1, 2, 256} and report["chosen"]["accum_steps"] == 2
+    assert tried[2] <= report["limit"] < tried[1]
+    assert "accum_steps=2: the smallest of [1, 2, 4, 8, 16, 32, 64, 128, 256] whose step fits" in report["why"]
 
 
 def test_a_step_too_big_for_a_v5e_chip_exits_non_zero_with_what_it_needs(tmp_path):

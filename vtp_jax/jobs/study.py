@@ -90,6 +90,9 @@ def default_study() -> ml_collections.ConfigDict:
     # the classifier judges colour and shape, not sharpness, so a decoder's softer edges do not
     # read as another class (measured: 34% -> 43% on a 300-step tokenizer's reconstructions).
     c.classifier.max_blur = 2.0
+    # Below this top-1 on held-out real images the classifier's scores would measure the classifier,
+    # not the generator: the study stops with what to change rather than fill a table with them.
+    c.classifier.min_accuracy = 0.9
     return c
 
 
@@ -127,11 +130,25 @@ def _random_blur(x, key, max_sigma: float):
 
 def train_classifier(c: ml_collections.ConfigDict, folder: str, sizes=tuple(procedural.SIZES)) -> tuple[str, float]:
     """Trains (or reloads) the domain classifier on one-object scenes with objects of `sizes`;
-    returns (params file, accuracy on held-out real images)."""
+    returns (params file, accuracy on held-out real images), or a ConfigError when that accuracy
+    is below c.min_accuracy."""
     path, info = paths.join(folder, "classifier.msgpack"), paths.join(folder, "classifier.json")
-    if paths.isfile(path) and paths.isfile(info):
-        return path, paths.read_json(info)["accuracy"]
-    paths.makedirs(folder)
+    if not (paths.isfile(path) and paths.isfile(info)):
+        params, accuracy, num_val = _fit_classifier(c, sizes)
+        paths.makedirs(folder)
+        paths.write_bytes(path, serialization.msgpack_serialize(params))
+        paths.write_json(info, {"accuracy": accuracy, "num_val": num_val})
+    accuracy = paths.read_json(info)["accuracy"]
+    if accuracy < c.min_accuracy:
+        raise runner.ConfigError(
+            f"study.classifier: {accuracy:.1%} top-1 on held-out real images ({info}), below "
+            f"study.classifier.min_accuracy={c.min_accuracy}: its scores would not measure the generator; "
+            f"train it longer (study.classifier.steps, num_train) and delete {folder}")
+    return path, accuracy
+
+
+def _fit_classifier(c: ml_collections.ConfigDict, sizes):
+    """The classifier trained on c.num_train rendered images: (params, held-out accuracy, num_val)."""
     net = DomainClassifier(64, c.width)
     x, y = _render(c.seed, c.num_train, c.image_size, sizes)
     xv, yv = _render(c.seed + 1, c.num_val, c.image_size, sizes)
@@ -163,10 +180,8 @@ def train_classifier(c: ml_collections.ConfigDict, folder: str, sizes=tuple(proc
     correct = sum(int(np.sum(np.asarray(predict(params, xv[i:i + 256])) == yv[i:i + 256]))
                   for i in range(0, len(xv), 256))
     accuracy = correct / len(xv)
-    paths.write_bytes(path, serialization.msgpack_serialize(jax.device_get(params)))
-    paths.write_json(info, {"accuracy": accuracy, "num_val": len(xv)})
     logging.info("domain classifier: %.4f top-1 on %d held-out real images", accuracy, len(xv))
-    return path, accuracy
+    return jax.device_get(params), accuracy, len(xv)
 
 
 def reconstruction_accuracy(export: str, classifier: str, seed: int, n: int, size: int,
