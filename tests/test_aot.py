@@ -228,6 +228,7 @@ def test_a_step_too_big_for_a_v5e_chip_exits_non_zero_with_what_it_needs(tmp_pat
     assert last.startswith("error: pretrain does not fit v5e:2x2 (TPU v5 lite): the smallest compiled step needs "), last
     needs = float(re.match(r"(at least )?([0-9.]+) GiB", last.split("needs ")[1])[2])
     assert needs > 5 * 4 and "usable (16 GiB HBM, hbm_margin 0.1)" in last
+    assert last.endswith("compiled.json has every try; train.accum_steps=0 searches the k that fits"), last
     saved = json.loads((tmp_path / "compiled.json").read_text())
     assert not saved["fits"] and saved["tried"][0]["memory"]["total"] / GiB == pytest.approx(needs, abs=0.06)
     assert "DOES NOT FIT" in p.stdout

@@ -415,11 +415,14 @@ def plan(job_module, config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(table(report))
     if tried and best is None:
         least = min(tried, key=lambda r: r["memory"]["total"])
+        slices = f" x {t.compile_slices} slices" if t.compile_slices > 1 else ""
+        hint = "; train.accum_steps=0 searches the k that fits" if config.train.get("accum_steps", 0) else ""
         raise DoesNotFit(
-            f"{config.job} does not fit {report['grid']} ({kind}): the smallest compiled step needs "
+            f"{config.job} does not fit {report['grid']}{slices} ({kind}): the smallest compiled step needs "
             f"{_needs(least)} per chip (accum_steps={least['accum_steps']}, remat="
             f"{least['remat']}), {(least['memory']['total'] - limit) / GiB:.1f} GiB more than the {limit / GiB:.1f} "
-            f"usable ({hbm / GiB:.0f} GiB HBM, hbm_margin {t.hbm_margin}); {workdir}/compiled.json has every try")
+            f"usable ({hbm / GiB:.0f} GiB HBM, hbm_margin {t.hbm_margin}); {workdir}/compiled.json has every try"
+            f"{hint}")
     return report
 
 

@@ -18,6 +18,7 @@ and the default OCDBT/zarr2 layout reads flipped bytes back without complaint.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import re
@@ -376,6 +377,7 @@ def _everywhere(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
+@functools.cache  # once per process
 def _write_replicas_whole():
     """Orbax splits a replicated array into one slice per replica so that hosts share its writing
     (replica-parallel); each slice is a small program compiled per array shape, on the first save.
