@@ -182,7 +182,7 @@ def _compile_step(job_module, config, mesh):
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     return dict(record, memory=memory, xla_flops_per_chip=float(cost.get("flops", float("nan"))),
-                collectives=collectives(hlo), largest_arguments=arguments(hlo)[:8],
+                collectives=collectives(hlo), loops=loops(hlo), largest_arguments=arguments(hlo)[:8],
                 compile_seconds=time.perf_counter() - t0)
 
 
@@ -227,10 +227,34 @@ def arguments(hlo: str) -> list[tuple[str, int]]:
     return sorted(out, key=lambda x: -x[1])
 
 
+def _trip_count(line: str, comps: dict[str, list[str]]) -> int:
+    """Iterations of the while loop on `line`: XLA's known_trip_count, or, where the TPU compiler
+    dropped it, N from a condition `i < N` with N a constant (the loops jax emits count from 0)."""
+    n = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+    if n:
+        return int(n[1])
+    cond = re.search(r"condition=%?([\w.\-]+)", line)
+    lines = comps.get(cond[1], []) if cond else []
+    constants = dict(re.findall(r"%?([\w.\-]+) = s32\[\][^ ]* constant\((\d+)\)", "\n".join(lines)))
+    for l in lines:
+        root = re.search(r"ROOT .*compare\(%?[\w.\-]+, %?([\w.\-]+)\), direction=LT", l)
+        if root and root[1] in constants:
+            return int(constants[root[1]])
+    return 1
+
+
+def loops(hlo: str) -> list[int]:
+    """Trip counts of the while loops in a compiled HLO module (the accumulation loop among them
+    unless the compiler unrolled it)."""
+    _, comps = _computations(hlo)
+    return [_trip_count(l, comps) for lines in comps.values() for l in lines
+            if (inst := _instruction(l)) and inst[1] == "while"]
+
+
 def collectives(hlo: str) -> dict[str, dict]:
     """{kind: {count, bytes}} of the collectives a compiled HLO module runs per call: each op's
-    result bytes, times the known trip count of every loop around it (async pairs counted once,
-    at their -done)."""
+    result bytes, times the trip count of every loop around it (async pairs counted once, at
+    their -done)."""
     entry, comps = _computations(hlo)
     ops, calls = {}, {}
     for name, lines in comps.items():
@@ -243,10 +267,7 @@ def collectives(hlo: str) -> dict[str, dict]:
             base = kind[:-5] if kind.endswith("-done") else kind
             if base in COLLECTIVES and not kind.endswith("-start"):
                 ops[name].append((base, _bytes(result)))
-            trips = 1
-            if kind == "while":
-                n = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-                trips = int(n[1]) if n else 1
+            trips = _trip_count(line, comps) if kind == "while" else 1
             for attr in ("calls", "body", "to_apply", "branch_computations", "called_computations"):
                 for group in re.findall(attr + r"=\{?([%\w.\-, ]+)\}?", line):
                     calls[name] += [(callee, trips) for callee in re.findall(r"%?([\w.\-]+)", group)]
@@ -450,6 +471,10 @@ def table(r: dict) -> str:
               f"(hbm_margin {r['hbm_margin']}): {verdict}"]
     if "compiler_said" in c:
         lines.append(f"  the TPU compiler refused it: {c['compiler_said']}")
+    if c["accum_steps"] > 1 and "loops" in c and c["accum_steps"] not in c["loops"]:
+        lines.append(f"  note: the compiler unrolled the {c['accum_steps']}-step accumulation loop, so the micro-batches' "
+                     f"activations are live together (on multi-slice, XLA's collective pipeliner does this at "
+                     f"k=2); LIBTPU_INIT_ARGS=--xla_tpu_enable_collective_pipeliner=false keeps the loop")
     peak = r["peak_flops_per_chip"]
     lines.append(f"FLOPs per step per chip: {c['flops_per_chip']:.4g} (jaxpr count; XLA's cost analysis "
                  f"{c['xla_flops_per_chip']:.4g}, loop bodies once)")
