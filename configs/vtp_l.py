@@ -15,7 +15,9 @@ benchmarks/RESULTS.md, "The compile plans"; docs/cluster.md has the table):
   v5e-256, mesh (32, 8, 1): accum_steps=2 -> 10.64 GiB of 16 (k=1 refused by the compiler)
   v6e-256, mesh (32, 8, 1): accum_steps=1 -> 28.46 GiB of 32 (28.80 usable at the 10% margin)
   2 x v5e-256 (compile_slices=2, dcn_mesh (2, 1, 1)), mesh (64, 8, 1): accum_steps=4 -> 6.33 GiB
-    of 16 (k=1: 16.72 GiB and k=2: 19.67 GiB, neither fits)
+    of 16 (k=1: 16.72 GiB and k=2: 19.67 GiB, neither fits; XLA's collective pipeliner unrolls the
+    two-trip accumulation loop there: with LIBTPU_INIT_ARGS=--xla_tpu_enable_collective_pipeliner=false
+    k=2 takes 7.02 GiB, step time unmeasured; docs/cluster.md)
 XLA:CPU's memory_analysis (another compiler: orientation for GPUs only; "Gradient accumulation"
 there) gives 41.0 GiB temporaries at 2048 / 512 / 256 images per device with k=16. k must divide
 the per-device B_rec. With --config.objectives.centering=sinkhorn_knopp (or model.head.use_bn) the
