@@ -209,8 +209,7 @@ def test_two_slices_with_a_dcn_mesh_through_the_plan(tmp_path):
 
 def autoencoder_config(**train):
     """The tiny config as a plain autoencoder at 64 px and a batch of 1024 (256 per shard on 4
-    chips): its activations dominate the step's memory, so memory follows 1 / accum_steps (128 px
-    would too, at a third more compile time)."""
+    chips): its activations dominate the step's memory, so memory follows 1 / accum_steps."""
     c = tiny_config(**train)
     c.objectives.l_clip = c.objectives.l_ssl = 0.0
     c.data.image_size = c.data.procedural_size = 64
