@@ -20,6 +20,9 @@ os.environ["XLA_FLAGS"] = (
     + ("" if os.environ.get("VTP_TESTS_XLA_DEFAULT_OPT") == "1" else FAST_COMPILE)
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No Python tracebacks in the HLO's debug locations (what profilers show, not what runs): lowering
+# the suite's many small programs is a tenth faster (benchmarks/RESULTS.md, "The test suite's time").
+os.environ.setdefault("JAX_TRACEBACK_IN_LOCATIONS_LIMIT", "0")
 
 # Identical programs (the same step on the same mesh in several tests, or in the subprocess runs
 # of the trainer) compile once per CI run.

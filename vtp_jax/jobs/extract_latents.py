@@ -69,7 +69,6 @@ def extract(config: ml_collections.ConfigDict, workdir: str, mesh) -> str:
     d = c.data
     n_proc, pid = jax.process_count(), jax.process_index()
     paths.makedirs(workdir)
-    local = tempfile.mkdtemp(prefix="vtp_jax_latents_")
     if paths.isfile(paths.join(workdir, latents_lib.META)):
         logging.info("latents in %s are complete", workdir)
         return workdir
@@ -92,7 +91,7 @@ def extract(config: ml_collections.ConfigDict, workdir: str, mesh) -> str:
         z_flip = model.apply({"params": params}, images[:, :, ::-1], method=VTP.encode)
         return z, z_flip
 
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), tempfile.TemporaryDirectory(prefix="vtp_jax_latents_") as local:
         params = jax.device_put(params, sharding.replicated(mesh))
         n_batches = eval_splits.num_batches(d, train=True)
         n_parts = math.ceil(n_batches / c.part_batches)

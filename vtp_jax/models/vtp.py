@@ -254,5 +254,12 @@ def init_params(config: ml_collections.ConfigDict, rng, image_size: int | None =
 
 
 def param_shapes(config: ml_collections.ConfigDict):
-    """Parameter ShapeDtypeStructs without allocating (used by the importer and the trainer)."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    """Parameter ShapeDtypeStructs without allocating (used by the importer and the trainer).
+    Traced once per config in a process: the study loads each tokenizer half a dozen times."""
+    key = config.to_json_best_effort(sort_keys=True)
+    if key not in _PARAM_SHAPES:
+        _PARAM_SHAPES[key] = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return jax.tree.map(lambda x: x, _PARAM_SHAPES[key])  # fresh containers: callers may edit theirs
+
+
+_PARAM_SHAPES: dict[str, Any] = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import signal
 import tempfile
@@ -145,8 +146,10 @@ def validate(job_module, config: ml_collections.ConfigDict, n_batch_shards: int,
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
 
 
+@functools.cache
 def measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
-    """float32 matmul FLOP/s of this host, the CPU 'peak' that MFU is measured against."""
+    """float32 matmul FLOP/s of this host, the CPU 'peak' that MFU is measured against (once per
+    process: a study's nested runs share the host)."""
     a = jax.numpy.ones((n, n), jax.numpy.float32)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
