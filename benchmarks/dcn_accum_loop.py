@@ -29,11 +29,7 @@ def one(topology: str, slices: int, k: int) -> dict:
     from vtp_jax import jobs
     from vtp_jax.train import aot, runner
 
-    c = tiny.get_config()
-    c.model.dtype = "bfloat16"
-    c.objectives.l_clip = c.objectives.l_ssl = 0.0
-    c.data.image_size = c.data.procedural_size = 128
-    c.data.batch_clip = c.data.batch_ssl = c.data.batch_rec = 1024
+    c = tiny.autoencoder_config(image_size=128)
     c.train.update(mesh=(2, 4, 1), accum_steps=k)
     if slices > 1:
         c.train.update(compile_slices=slices, dcn_mesh=(slices, 1, 1))

@@ -208,12 +208,10 @@ def test_two_slices_with_a_dcn_mesh_through_the_plan(tmp_path):
 
 
 def autoencoder_config(**train):
-    """The tiny config as a plain autoencoder at 64 px and a batch of 1024 (256 per shard on 4
-    chips): its activations dominate the step's memory, so memory follows 1 / accum_steps."""
-    c = tiny_config(**train)
-    c.objectives.l_clip = c.objectives.l_ssl = 0.0
-    c.data.image_size = c.data.procedural_size = 64
-    c.data.batch_clip = c.data.batch_ssl = c.data.batch_rec = 1024
+    """tiny.autoencoder_config at 64 px, a batch of 1024 (256 per shard on 4 chips)."""
+    c = tiny.autoencoder_config(image_size=64)
+    c.train.mesh = (1, 4, 1)
+    c.train.update(**train)
     return c
 
 

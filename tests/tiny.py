@@ -44,6 +44,18 @@ def get_config(name="demo"):
     return c
 
 
+def autoencoder_config(image_size=64, batch=1024):
+    """tests/tiny.py in bf16 as a plain autoencoder (l_rec only) with `batch` images of
+    `image_size`: its activations dominate the step's memory, so memory follows 1 / accum_steps
+    (test_aot's accumulation search, benchmarks/dcn_accum_loop.py)."""
+    c = get_config()
+    c.model.dtype = "bfloat16"
+    c.objectives.l_clip = c.objectives.l_ssl = 0.0
+    c.data.image_size = c.data.procedural_size = image_size
+    c.data.batch_clip = c.data.batch_ssl = c.data.batch_rec = batch
+    return c
+
+
 def export_tokenizer(folder, size=16, text=True):
     """A randomly initialised tiny tokenizer (no DINO head; a text tower if `text`) written as a
     release-format folder: what jobs that read a tokenizer are pointed at."""
