@@ -3,6 +3,7 @@ tokenizer, training and sampling through the shared runner, and the XL recipe co
 devices."""
 import json
 import os
+import tempfile
 
 import flax
 import jax
@@ -73,7 +74,10 @@ def test_extraction_records_flips_and_stats(tokenizer, tmp_path):
     assert before == {p: os.path.getmtime(p) for p in latents_lib.shard_paths(folder)}
 
 
-def test_extraction_resumes_after_a_lost_part(tokenizer, tmp_path):
+def test_extraction_resumes_after_a_lost_part(tokenizer, tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"  # where the job's local staging folder goes
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     c = dit_config(tokenizer)
     folder = extract(c, str(tmp_path / "a"))
     paths = latents_lib.shard_paths(folder)
@@ -81,6 +85,8 @@ def test_extraction_resumes_after_a_lost_part(tokenizer, tmp_path):
     os.remove(os.path.join(folder, "meta.json"))
     extract(c, folder)
     assert latents_lib.shard_paths(folder) == paths and latents_lib.read_meta(folder)["records"] == 44
+    extract(c, folder)  # complete: returns at once
+    assert os.listdir(scratch) == []  # every run removed its staging folder
 
 
 def test_dit_job_trains_samples_and_resumes(tokenizer, tmp_path):
