@@ -158,6 +158,8 @@ def test_large_variant_validates_and_its_steps_compile():
     s = c.study
     tok = study.tokenizer_config(s, "vtp", max(s.budgets), 0)
     assert tok.train.steps == 2_500 * 16
+    # It checkpoints on the way (a study spans sessions: a stop loses at most checkpoint_every steps).
+    assert tok.train.checkpoint_every == s.tokenizer.train.checkpoint_every < tok.train.steps
     jobs.validate(tok, 1)
     tr = runner.build(pretrain, tok, sharding.make_mesh((1, 1, 1)))
     with runner.scope(tr):

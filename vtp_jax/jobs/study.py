@@ -213,8 +213,7 @@ def tokenizer_config(s, variant: str, budget: int, seed: int):
     c.objectives.l_clip, c.objectives.l_ssl = VARIANTS[variant]
     if variant == "ae":  # reconstruction only: it reconstructs every image of the step, not a sub-batch
         c.data.batch_rec = c.data.batch_clip
-    c.train.steps *= budget
-    c.train.checkpoint_every = c.train.steps
+    c.train.steps *= budget  # checkpoints every template's checkpoint_every: a full study spans sessions
     c.seed = seed
     return c
 
