@@ -1,4 +1,5 @@
 """Test session set-up: 8 host CPU devices so that mesh tests run on any laptop or CI box."""
+import gc
 import os
 
 import pytest
@@ -32,6 +33,23 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: one of the few tests that take minutes (deselect with -m 'not slow')")
+
+
+# The session's heap grows to millions of objects (every jit cache of hundreds of programs), and
+# each full garbage collection walks all of it: a tenth of a test file's time at Python's default
+# thresholds (benchmarks/RESULTS.md, "The test suite's time"). Full collections a tenth as often;
+# what the imports made is frozen (never garbage), and so is everything when the session ends,
+# where pytest's unraisable-exception check would run five full collections over it.
+gc.set_threshold(700, 10, 100)
+
+
+def pytest_collection_finish(session):
+    gc.collect()
+    gc.freeze()
+
+
+def pytest_unconfigure(config):
+    gc.freeze()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -408,6 +408,14 @@ def test_feature_sums_on_mesh_match_np_cov(weights, outputs8):
 # ----------------------------------------------------------------------------------------------
 # Frechet distance.
 # ----------------------------------------------------------------------------------------------
+def frechet_stand_in(mu1, sigma1, mu2, sigma2):
+    """For tests of evaluators' wiring: cheap and sensitive to all four arguments. scipy's sqrtm
+    of a 2048 x 2048 product takes 10-20 s on a test CPU (twice for the singular covariances of a
+    few images), and frechet_distance has its own tests (below)."""
+    mu1, mu2, sigma1, sigma2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    return float(((mu1 - mu2) ** 2).sum() + np.abs(sigma1 - sigma2).sum() + 1e-3 * np.trace(sigma1))
+
+
 def test_frechet_distance_closed_forms():
     rng = np.random.default_rng(6)
     mu1, mu2 = rng.standard_normal((2, 6))

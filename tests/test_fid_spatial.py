@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from test_fid import _assert_close, _conv, _images, _np_a, _np_b, _np_c, _np_logits_and_features, _np_stem, \
-    _np_torch_bilinear, _random_state_dict
+    _np_torch_bilinear, _random_state_dict, frechet_stand_in
 from vtp_jax.checkpoints import torch_convert
 from vtp_jax.evals import fid
 
@@ -120,13 +120,6 @@ class _NoiseImages:
         return jax.nn.sigmoid(jax.image.resize(noise, (noise.shape[0], 16, 16, 3), "bilinear"))
 
 
-def _distance_stand_in(mu1, sigma1, mu2, sigma2):
-    """Cheap and sensitive to all four arguments: scipy's sqrtm of 2048 x 2048 products takes
-    minutes on a test CPU, and frechet_distance has its own tests (test_fid.py)."""
-    mu1, mu2, sigma1, sigma2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
-    return float(((mu1 - mu2) ** 2).sum() + np.abs(sigma1 - sigma2).sum() + 1e-3 * np.trace(sigma1))
-
-
 def test_generation_evaluator_reports_adms_five_numbers(weights, tmp_path, monkeypatch):
     """Run against real images of a split, then against an ADM-style reference file (mu / sigma,
     mu_s / sigma_s, arr_0 uint8 images) made from the same images: the same numbers, and both
@@ -135,7 +128,7 @@ def test_generation_evaluator_reports_adms_five_numbers(weights, tmp_path, monke
     from vtp_jax import sharding
     from vtp_jax.data import eval_splits
 
-    monkeypatch.setattr(fid, "frechet_distance", _distance_stand_in)
+    monkeypatch.setattr(fid, "frechet_distance", frechet_stand_in)
     _, params = weights
     torch_convert.save_params(params, str(tmp_path / "inception.msgpack"))
     mesh = sharding.make_mesh((2, 1, 1))
@@ -165,8 +158,8 @@ def test_generation_evaluator_reports_adms_five_numbers(weights, tmp_path, monke
     fake, real = features(np.concatenate(fake_images).astype(np.float32)), features(real_images.astype(np.float32))
     stats = lambda x: (x.mean(0), np.cov(x, rowvar=False))  # noqa: E731
     want_p, want_r, _ = np_precision_recall(real[0], fake[0], 3)
-    assert got["fid"] == pytest.approx(_distance_stand_in(*stats(fake[0]), *stats(real[0])), rel=1e-4)
-    assert got["sfid"] == pytest.approx(_distance_stand_in(*stats(fake[1]), *stats(real[1])), rel=1e-4)
+    assert got["fid"] == pytest.approx(frechet_stand_in(*stats(fake[0]), *stats(real[0])), rel=1e-4)
+    assert got["sfid"] == pytest.approx(frechet_stand_in(*stats(fake[1]), *stats(real[1])), rel=1e-4)
     assert (got["precision"], got["recall"]) == (want_p, want_r)
 
     # ADM's reference batch layout; `data` now names a split that must not be read.

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,7 +23,7 @@ from vtp_jax import config as config_lib
 from vtp_jax import images, objectives, paths, sharding
 from vtp_jax.checkpoints import released, tokenizers
 from vtp_jax.data import pipeline, tokenizer
-from vtp_jax.models.vtp import VTP
+from vtp_jax.models.vtp import VTP, param_shapes
 from vtp_jax.train import optim, runner
 
 TEACHER_MODULES = ("trunk", "visual_proj", "dino_head")
@@ -549,9 +548,7 @@ def make_train_step(config, model: VTP, tx: optax.GradientTransformation):
 def make_job(config: ml_collections.ConfigDict, mesh, workdir: str | None = None, abstract: bool = False) -> runner.Job:
     model_cfg = config_lib.model_config_for(config)
     model = VTP(model_cfg)
-    size = config.data.image_size
-    abstract_params = nn.meta.unbox(jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]))
+    abstract_params = param_shapes(model_cfg)  # traced once per model config in a process
     tx = optim.make_optimizer(config.optim, abstract_params, config.train.steps, model_cfg.depth,
                               config.objectives.freeze_last_layer_steps if config_lib.active(config)["ssl"] else 0)
 

@@ -255,8 +255,8 @@ def init_params(config: ml_collections.ConfigDict, rng, image_size: int | None =
 
 def param_shapes(config: ml_collections.ConfigDict):
     """Parameter ShapeDtypeStructs without allocating (the release importer checks files against
-    their shapes). Traced once per config in a process: the study loads each tokenizer half a
-    dozen times."""
+    them, the pretrain job builds its optimizer on them). Traced once per config in a process:
+    the study loads each tokenizer half a dozen times. The shapes do not depend on the image size."""
     key = config.to_json_best_effort(sort_keys=True)
     if key not in _PARAM_SHAPES:
         _PARAM_SHAPES[key] = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
