@@ -36,7 +36,7 @@ def pytest_configure(config):
 
 
 # The session's heap grows to millions of objects (every jit cache of hundreds of programs), and
-# each full garbage collection walks all of it: a tenth of a test file's time at Python's default
+# each full garbage collection walks all of it: a tenth of test_faults.py's time at Python's default
 # thresholds (benchmarks/RESULTS.md, "The test suite's time"). Full collections a tenth as often;
 # what the imports made is frozen (never garbage), and so is everything when the session ends,
 # where pytest's unraisable-exception check would run five full collections over it.

@@ -19,7 +19,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "tests")
 BUCKET = "vtp-test"
-STEPS = 12  # the kill lands at step ~3 (a checkpoint to the emulator takes ~3 s): mid-run
+STEPS = 12  # the kill lands at step ~4 (a checkpoint to the emulator takes ~3 s): mid-run
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gcp_storage_emulator") is None,
                                 reason="gcp-storage-emulator (the [test] extra) is not installed")
