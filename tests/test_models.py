@@ -101,6 +101,16 @@ def _expected_param_counts(size):
     }
 
 
+def test_param_shapes_do_not_depend_on_the_image_size():
+    """param_shapes traces at 4 patches; the pretrain job builds its optimizer on them for any
+    data.image_size (RoPE positions, no learned position table)."""
+    c = tiny_config()
+    for size in (16, 48):
+        at_size = jax.eval_shape(lambda: nn.meta.unbox(VTP(c).init(jax.random.key(0), jnp.zeros((1, size, size, 3)))))
+        assert jax.tree.map(lambda x: (x.shape, x.dtype), at_size["params"]) == \
+            jax.tree.map(lambda x: (x.shape, x.dtype), param_shapes(c))
+
+
 @pytest.mark.parametrize("size", ["S", "B", "L"])
 def test_param_shapes_of_released_sizes(size):
     shapes = param_shapes(with_size(model_config(), size))
